@@ -1,0 +1,92 @@
+"""Reading safetensors files tensor by tensor, and strict loading into meta-built models.
+
+The reader converts each tensor to the requested dtype and device as it is read, so loading an fp32
+file into a bf16 model never holds more than one fp32 tensor at a time (no full fp32 copy, and no
+memory-mapped file pages kept resident).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+from torch import nn
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class WeightsError(ValueError):
+    """A weights file or folder that cannot be used; the message says what is wrong."""
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the byte offset where tensor data starts."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+    return header, 8 + n
+
+
+def read_safetensors(
+    path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; floating-point ones are cast to `dtype` on the way in."""
+    header, start = read_safetensors_header(path)
+    header.pop("__metadata__", None)
+    state: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as f:
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            begin, end = info["data_offsets"]
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(start + begin)
+            if f.readinto(buf.numpy().data) != end - begin:
+                raise WeightsError(f"{path}: file is truncated (tensor {name})")
+            t = buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            state[name] = t.to(device)
+    return state
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise WeightsError naming the first missing, unexpected or mis-shaped keys."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs expected {expected[k]}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != expected[k]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (first: {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatches (first: {'; '.join(wrong[:3])})")
+    if problems:
+        raise WeightsError(f"{what}: " + "; ".join(problems))
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Check keys and shapes, then load by assignment (the model may live on the meta device)."""
+    check_state_dict(model, state, what)
+    model.load_state_dict(state, strict=True, assign=True)

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny SDXL-shaped configs for CPU tests."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SDXL_CONFIGS = ROOT / "sdxl" / "configs" / "sdxl-base-1.0"
+
+
+def tiny_unet_config() -> dict:
+    """An SDXL-structured diffusers unet config with small widths (3 levels, 2 layers per level)."""
+    return {
+        "block_out_channels": [32, 64, 64],
+        "layers_per_block": 2,
+        "transformer_layers_per_block": [1, 1, 2],
+        "attention_head_dim": [1, 2, 4],
+        "cross_attention_dim": 32,
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 32 + 6 * 8,
+        "norm_num_groups": 8,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "addition_embed_type": "text_time",
+        "use_linear_projection": True,
+        "sample_size": 16,
+    }
+
+
+@pytest.fixture
+def sdxl_unet_config() -> dict:
+    import json
+
+    return json.loads((SDXL_CONFIGS / "unet" / "config.json").read_text())

@@ -1,0 +1,166 @@
+"""Our UNet against diffusers' UNet2DConditionModel: parity, keys, checkpointing, loading, configs."""
+
+import json
+
+import diffusers
+import pytest
+import torch
+from conftest import tiny_unet_config
+from safetensors.torch import save_file
+
+from sdxl.unet import UNet2DConditionModel, load_unet
+from sdxl.weights import WeightsError
+
+
+def _pair(seed: int = 0) -> tuple[UNet2DConditionModel, diffusers.UNet2DConditionModel]:
+    """Our UNet and diffusers' with identical random (non-zero, non-default) weights."""
+    torch.manual_seed(seed)
+    ref = diffusers.UNet2DConditionModel(**tiny_unet_config())
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.2)
+    ours = UNet2DConditionModel.from_config(dict(ref.config))
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours, ref
+
+
+def _inputs(batch: int = 2, h: int = 12, w: int = 20, seed: int = 1) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, h, w, generator=g)
+    t = torch.tensor([17, 803][:batch])
+    ctx = torch.randn(batch, 7, 32, generator=g)
+    time_ids = torch.tensor([[512.0, 384, 0, 12, 1024, 768], [100, 200, 3, 4, 512, 512]][:batch])
+    cond = {"text_embeds": torch.randn(batch, 32, generator=g), "time_ids": time_ids}
+    return x, t, ctx, cond
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def test_fp32_parity_nonsquare_per_sample_timesteps():
+    ours, ref = _pair()
+    x, t, ctx, cond = _inputs()
+    with torch.no_grad():
+        a = ours(x, t, ctx, cond)
+        b = ref(x, t, ctx, added_cond_kwargs=cond).sample
+    assert a.shape == (2, 4, 12, 20)
+    # Issue bar: 1e-5 relative. Measured: 0.0 (the same ops in the same order), so we hold 1e-6.
+    assert _rel_err(a, b) <= 1e-6
+
+
+@pytest.mark.parametrize("timestep", [5, 5.0, torch.tensor(999)])
+def test_scalar_timesteps_and_odd_latent_size(timestep):
+    ours, ref = _pair()
+    x, _, ctx, cond = _inputs(h=11, w=13)
+    with torch.no_grad():
+        a = ours(x, timestep, ctx, cond)
+        b = ref(x, timestep, ctx, added_cond_kwargs=cond).sample
+    assert a.shape == (2, 4, 11, 13)
+    assert _rel_err(a, b) <= 1e-6
+
+
+def test_bf16_parity():
+    ours, ref = _pair()
+    ours, ref = ours.to(torch.bfloat16), ref.to(torch.bfloat16)
+    x, t, ctx, cond = _inputs()
+    x, ctx = x.bfloat16(), ctx.bfloat16()
+    cond = {k: v.bfloat16() for k, v in cond.items()}
+    with torch.no_grad():
+        a = ours(x, t, ctx, cond)
+        b = ref(x, t, ctx, added_cond_kwargs=cond).sample
+    # Same bf16 kernels in the same order: measured 0.0; bf16 has 8 bits of mantissa, so 1e-2
+    # relative is the stated bar.
+    assert _rel_err(a, b) <= 1e-2
+
+
+def test_full_size_keys_shapes_and_count_on_meta(sdxl_unet_config):
+    with torch.device("meta"):
+        ours = UNet2DConditionModel.from_config(sdxl_unet_config)
+        ref = diffusers.UNet2DConditionModel.from_config(sdxl_unet_config)
+    ours_sd, ref_sd = ours.state_dict(), ref.state_dict()
+    assert len(ours_sd) == len(ref_sd) == 1680
+    assert {k: v.shape for k, v in ours_sd.items()} == {k: v.shape for k, v in ref_sd.items()}
+    assert sum(p.numel() for p in ours.parameters()) == 2_567_463_684
+
+
+def test_gradient_checkpointing_same_output_and_gradients():
+    ours, _ = _pair()
+    x, t, ctx, cond = _inputs()
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        ours.zero_grad()
+        out = ours(x, t, ctx, cond)
+        (out**2).mean().backward()
+        return out.detach(), [p.grad.clone() for p in ours.parameters()]
+
+    plain_out, plain_grads = run()
+    ours.enable_gradient_checkpointing()
+    units = list(ours.checkpoint_units())
+    assert units and all("forward" in m.__dict__ for m in units)
+    ckpt_out, ckpt_grads = run()
+    ours.disable_gradient_checkpointing()
+    assert all("forward" not in m.__dict__ for m in units)
+    assert torch.equal(plain_out, ckpt_out)
+    for a, b in zip(plain_grads, ckpt_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # checkpointing leaves the state dict untouched
+    assert list(ours.state_dict()) == list(_pair()[0].state_dict())
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        (
+            "down_block_types",
+            ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+            "down_block_types",
+        ),
+        ("addition_embed_type", "text", "addition_embed_type"),
+        ("use_linear_projection", False, "use_linear_projection"),
+        ("class_embed_type", "timestep", "class_embed_type"),
+        ("block_out_channels", [32, 64], "block_out_channels must be"),
+        ("attention_head_dim", [1, 2, 3], "not divisible by 3 heads"),
+        ("some_new_option", 1, "unknown key 'some_new_option'"),
+    ],
+)
+def test_bad_configs_are_rejected(key, value, message):
+    cfg = dict(tiny_unet_config(), **{key: value})
+    with pytest.raises(ValueError, match=message):
+        UNet2DConditionModel.from_config(cfg)
+
+
+@pytest.mark.parametrize("variant", ["", ".fp16"])
+def test_load_unet_folder(tmp_path, variant):
+    ours, ref = _pair()
+    (tmp_path / "config.json").write_text(json.dumps(dict(ref.config)))
+    dtype = torch.float16 if variant else torch.float32
+    state = {k: v.to(dtype).contiguous() for k, v in ref.state_dict().items()}
+    save_file(state, tmp_path / f"diffusion_pytorch_model{variant}.safetensors")
+    target = torch.bfloat16 if variant else torch.float32
+    loaded = load_unet(tmp_path, dtype=target)
+    assert all(p.dtype == target and p.device.type == "cpu" for p in loaded.parameters())
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, state[k].to(target)), k
+
+
+def test_load_unet_fails_loudly(tmp_path):
+    ours, ref = _pair()
+    (tmp_path / "config.json").write_text(json.dumps(dict(ref.config)))
+    with pytest.raises(WeightsError, match="no diffusion_pytorch_model.safetensors"):
+        load_unet(tmp_path)
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    state.pop("conv_in.weight")
+    state["conv_out.bias"] = torch.zeros(5)
+    state["extra.weight"] = torch.zeros(1)
+    save_file(state, tmp_path / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(WeightsError) as e:
+        load_unet(tmp_path)
+    msg = str(e.value)
+    assert "1 missing keys (first: conv_in.weight)" in msg
+    assert "1 unexpected keys (first: extra.weight)" in msg
+    assert "conv_out.bias (5,) vs expected (4,)" in msg
+    truncated = tmp_path / "diffusion_pytorch_model.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    with pytest.raises(WeightsError, match="truncated"):
+        load_unet(tmp_path)
