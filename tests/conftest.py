@@ -35,3 +35,20 @@ def sdxl_unet_config() -> dict:
     import json
 
     return json.loads((SDXL_CONFIGS / "unet" / "config.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny random SDXL folder (diffusers layout), written once per test session."""
+    from sdxl.pretrained import write_tiny_sdxl
+
+    return write_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_model):
+    """diffusers' StableDiffusionXLPipeline on the tiny folder: the reference."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(tiny_model, dtype=torch.float32)

@@ -1,0 +1,55 @@
+"""SDXL's VAE: diffusers' AutoencoderKL, kept in fp32, behind an encode/decode pair in latent units.
+
+SDXL's latents are the VAE's posterior samples times 0.13025 (`scaling_factor` in vae/config.json; SD 1.x
+used 0.18215), which brings them to roughly unit variance for the diffusion model. The VAE runs in fp32:
+the original SDXL VAE overflows to NaN (black images) in fp16; a fine-tuned "fp16-fix" VAE can be
+loaded from another folder instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+
+
+class SDXLVAE(nn.Module):
+    """encode: images in [-1, 1] (B, 3, H, W) -> latents (B, 4, H/8, W/8); decode: the inverse."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae.requires_grad_(False).eval()
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> SDXLVAE:
+        """From a `vae/` folder (config.json + diffusion_pytorch_model(.fp16).safetensors)."""
+        folder = Path(folder)
+        variant = None
+        if not (folder / "diffusion_pytorch_model.safetensors").is_file():
+            variant = "fp16"  # only the half-precision file is present; it is upcast on load
+        vae = AutoencoderKL.from_pretrained(
+            folder, dtype=dtype, variant=variant, use_safetensors=True
+        )
+        return cls(vae.to(device))
+
+    @torch.no_grad()
+    def encode(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """A sample of the posterior q(z | x) (training draws one, as SDXL was trained), scaled."""
+        images = images.to(device=self.vae.device, dtype=self.vae.dtype)
+        return self.vae.encode(images).latent_dist.sample(generator) * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (not clamped)."""
+        latents = latents.to(device=self.vae.device, dtype=self.vae.dtype)
+        return self.vae.decode(latents / self.scaling_factor).sample
