@@ -1,0 +1,242 @@
+"""LoRA files other programs load, and loading theirs into our UNet.
+
+Every format goes through one plain representation, keyed by the diffusers module path:
+
+    {"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (down, up, alpha), ...}
+
+with down (rank x in), up (out x rank) and the update scale alpha / rank. The file layouts:
+
+- native: our state dict, `<path>.lora.down.weight` / `<path>.lora.up.weight`; rank, alpha and target
+  mode in the safetensors metadata.
+- diffusers / peft: `unet.<path>.lora_A.weight` / `.lora_B.weight`, with the peft LoraConfig (r,
+  lora_alpha, target_modules) in the `lora_adapter_metadata` header that `load_lora_weights` reads.
+  Reading also accepts the older `.lora.down.weight` / `.lora.up.weight` names; without metadata
+  alpha = rank, as diffusers assumes.
+- kohya (ComfyUI, AUTOMATIC1111, Forge): `lora_unet_<original SDXL path, dots as _>.lora_down.weight`,
+  `.lora_up.weight` and a scalar `.alpha`, with the original `input_blocks` / `middle_block` /
+  `output_blocks` names. Reading also accepts kohya keys built from diffusers block names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from sdxl.lora import LoRALinearWrapper, lora_modules
+from sdxl.unet import UNet2DConditionModel
+from sdxl.weights import read_safetensors, read_safetensors_header
+
+log = logging.getLogger(__name__)
+
+LoRAModules = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+FORMATS = ("native", "diffusers", "kohya")
+
+
+def modules_from_unet(unet: nn.Module) -> LoRAModules:
+    """The adapters of a wrapped UNet, as (down, up, alpha) per module path."""
+    return {
+        name: (w.lora.down.weight.detach(), w.lora.up.weight.detach(), float(w.lora.alpha))
+        for name, w in lora_modules(unet)
+    }
+
+
+@torch.no_grad()
+def attach_lora(unet: nn.Module, modules: LoRAModules, scale: float = 1.0) -> None:
+    """Wrap exactly the named Linear layers with adapters holding the given weights; the update is
+    multiplied by `scale` (a generation-time LoRA strength)."""
+    unet.requires_grad_(False)
+    own = dict(unet.named_modules())
+    for name, (down, up, alpha) in modules.items():
+        base = own.get(name)
+        if type(base) is not nn.Linear:
+            raise ValueError(f"LoRA targets {name}, which is not a Linear layer of this UNet")
+        if down.shape[1] != base.in_features or up.shape[0] != base.out_features:
+            raise ValueError(
+                f"LoRA shape mismatch at {name}: file has down {tuple(down.shape)} / up {tuple(up.shape)}, "
+                f"this model's layer is {base.in_features} -> {base.out_features} (another architecture?)"
+            )
+        wrapper = LoRALinearWrapper(base, rank=down.shape[0], alpha=alpha * scale)
+        wrapper.lora.down.weight.copy_(down)
+        wrapper.lora.up.weight.copy_(up)
+        parent, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent), child, wrapper)
+
+
+# ---------------------------------------------------------------------------------------------
+# Original (SGM) module names, for kohya files
+# ---------------------------------------------------------------------------------------------
+
+
+def sgm_path(path: str, layers_per_block: int) -> str:
+    """diffusers module path -> original SDXL path. Each level has layers_per_block + 1 slots in
+    input_blocks (ResNets/transformers, then the downsample), the first slot being conv_in; the
+    transformer of a slot is its sub-module 1."""
+    n = layers_per_block + 1
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", path):
+        return f"input_blocks.{n * int(m[1]) + int(m[2]) + 1}.1.{m[3]}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", path):
+        return f"middle_block.1.{m[1]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", path):
+        return f"output_blocks.{n * int(m[1]) + int(m[2])}.1.{m[3]}"
+    raise ValueError(f"no original SDXL name for {path}")
+
+
+def kohya_names(unet: UNet2DConditionModel) -> dict[str, str]:
+    """kohya module name -> diffusers path, for every Linear inside the UNet's transformers, under
+    both the original block names and the diffusers block names."""
+    layers = unet.config.layers_per_block
+    names = {}
+    for path, module in unet.named_modules():
+        if isinstance(module, (nn.Linear, LoRALinearWrapper)) and ".attentions." in path:
+            names["lora_unet_" + sgm_path(path, layers).replace(".", "_")] = path
+            names["lora_unet_" + path.replace(".", "_")] = path
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def to_state_dict(modules: LoRAModules, fmt: str, layers_per_block: int = 2) -> tuple[dict, dict]:
+    """(tensors, extra metadata) of one file format."""
+    tensors: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {}
+    if fmt == "native":
+        for path, (down, up, _) in modules.items():
+            tensors[f"{path}.lora.down.weight"] = down
+            tensors[f"{path}.lora.up.weight"] = up
+    elif fmt == "kohya":
+        for path, (down, up, alpha) in modules.items():
+            name = "lora_unet_" + sgm_path(path, layers_per_block).replace(".", "_")
+            tensors[f"{name}.lora_down.weight"] = down
+            tensors[f"{name}.lora_up.weight"] = up
+            tensors[f"{name}.alpha"] = torch.tensor(alpha)
+    elif fmt == "diffusers":
+        for path, (down, up, _) in modules.items():
+            tensors[f"unet.{path}.lora_A.weight"] = down
+            tensors[f"unet.{path}.lora_B.weight"] = up
+        ranks = Counter(d.shape[0] for d, _, _ in modules.values())
+        alphas = Counter(a for _, _, a in modules.values())
+        r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+        config = {
+            "r": r,
+            "lora_alpha": alpha,
+            "target_modules": sorted(modules),
+            "rank_pattern": {p: d.shape[0] for p, (d, _, _) in modules.items() if d.shape[0] != r},
+            "alpha_pattern": {p: a for p, (_, _, a) in modules.items() if a != alpha},
+        }
+        # diffusers stores the peft LoraConfig of each component with the component's prefix.
+        metadata["lora_adapter_metadata"] = json.dumps({f"unet.{k}": v for k, v in config.items()})
+    else:
+        raise ValueError(f"unknown LoRA format {fmt!r}; choose one of {FORMATS}")
+    return {k: v.contiguous() for k, v in tensors.items()}, metadata
+
+
+def save_lora_file(
+    path: str | Path,
+    modules: LoRAModules,
+    fmt: str,
+    info: dict[str, str | int | float],
+    dtype: torch.dtype | None = None,
+    layers_per_block: int = 2,
+) -> None:
+    """Write a safetensors LoRA file (via a temporary name, then renamed into place). `info` is
+    recorded as metadata: rank, alpha, target mode, base model, training step."""
+    tensors, metadata = to_state_dict(modules, fmt, layers_per_block)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    metadata.update({k: str(v) for k, v in info.items()})
+    metadata["format"] = "pt"
+    metadata["lora_format"] = fmt
+    if fmt == "kohya":  # what kohya-based tools display
+        metadata.setdefault("ss_network_dim", str(info.get("rank", "")))
+        metadata.setdefault("ss_network_alpha", str(info.get("alpha", "")))
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata=metadata)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def detect_format(keys: list[str]) -> str:
+    if keys and all(k.startswith(("lora_unet_", "lora_te")) for k in keys):
+        return "kohya"
+    if keys and all(k.startswith(("unet.", "text_encoder")) for k in keys):
+        return "diffusers"
+    if keys and all(".lora." in k for k in keys):
+        return "native"
+    raise ValueError(
+        f"not a LoRA file this project knows (first key: {keys[0] if keys else 'none'})"
+    )
+
+
+def from_state_dict(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], unet: UNet2DConditionModel
+) -> LoRAModules:
+    """Any of the three formats -> LoRAModules for this UNet. Text-encoder LoRAs are skipped with a
+    warning (this project trains and applies UNet LoRAs only)."""
+    fmt = detect_format(list(tensors))
+    text = [k for k in tensors if k.startswith(("lora_te", "text_encoder"))]
+    if text:
+        log.warning(
+            "skipping %d text-encoder LoRA tensors (only the UNet LoRA is applied)", len(text)
+        )
+    modules: LoRAModules = {}
+    if fmt == "kohya":
+        names = kohya_names(unet)
+        for key, down in tensors.items():
+            if not key.startswith("lora_unet_") or not key.endswith(".lora_down.weight"):
+                continue
+            name = key.removesuffix(".lora_down.weight")
+            if name not in names:
+                raise ValueError(
+                    f"LoRA module {name} does not exist in this UNet (another architecture?)"
+                )
+            alpha_tensor = tensors.get(f"{name}.alpha")
+            modules[names[name]] = (
+                down,
+                tensors[f"{name}.lora_up.weight"],
+                float(alpha_tensor) if alpha_tensor is not None else float(down.shape[0]),
+            )
+        return modules
+    if fmt == "native":
+        for key, down in tensors.items():
+            if key.endswith(".lora.down.weight"):
+                path = key.removesuffix(".lora.down.weight")
+                alpha = float(metadata.get("alpha", down.shape[0]))
+                modules[path] = (down, tensors[f"{path}.lora.up.weight"], alpha)
+        return modules
+    config = {}
+    if "lora_adapter_metadata" in metadata:
+        raw = json.loads(metadata["lora_adapter_metadata"])
+        config = {k.removeprefix("unet."): v for k, v in raw.items() if k.startswith("unet.")}
+    for key, down in tensors.items():
+        for down_suffix, up_suffix in (
+            (".lora_A.weight", ".lora_B.weight"),
+            (".lora.down.weight", ".lora.up.weight"),
+        ):
+            if key.startswith("unet.") and key.endswith(down_suffix):
+                path = key.removeprefix("unet.").removesuffix(down_suffix)
+                rank = down.shape[0]
+                alpha = config.get("alpha_pattern", {}).get(path, config.get("lora_alpha", rank))
+                modules[path] = (down, tensors[f"unet.{path}{up_suffix}"], float(alpha))
+    return modules
+
+
+def read_lora_file(path: str | Path, unet: UNet2DConditionModel) -> LoRAModules:
+    """Read a LoRA safetensors file in any of the three formats."""
+    header, _ = read_safetensors_header(path)
+    metadata = header.get("__metadata__", {})
+    return from_state_dict(read_safetensors(path), metadata, unet)
