@@ -21,7 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdxl.errors import UserError
+
 TARGET_MODES = ("attention", "attention_out", "all")
+
+
+class LoRAError(UserError, ValueError):
+    """A LoRA file or option that does not fit the model."""
+
+
 _ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -104,7 +112,7 @@ def _is_target(name: str, target_mode: str) -> bool:
     if target_mode == "all":
         # Every Linear inside a Transformer2DModel: attention, feed-forward, proj_in / proj_out.
         return ".attentions." in name
-    raise ValueError(f"unknown LoRA target mode {target_mode!r}; choose one of {TARGET_MODES}")
+    raise LoRAError(f"unknown LoRA target mode {target_mode!r}; choose one of {TARGET_MODES}")
 
 
 def apply_lora_to_unet(
@@ -116,9 +124,9 @@ def apply_lora_to_unet(
     adapter parameters trainable.
     """
     if target_mode not in TARGET_MODES:
-        raise ValueError(f"unknown LoRA target mode {target_mode!r}; choose one of {TARGET_MODES}")
+        raise LoRAError(f"unknown LoRA target mode {target_mode!r}; choose one of {TARGET_MODES}")
     if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        raise LoRAError(f"LoRA rank must be >= 1, got {rank}")
     unet.requires_grad_(False)
     targets = [
         name
@@ -156,15 +164,15 @@ def load_lora_state_dict(unet: nn.Module, state_dict: dict[str, torch.Tensor]) -
     own = get_lora_state_dict(unet)
     for key, value in own.items():
         if key not in state_dict:
-            raise ValueError(f"LoRA state dict has no {key} (expected shape {tuple(value.shape)})")
+            raise LoRAError(f"LoRA state dict has no {key} (expected shape {tuple(value.shape)})")
         if state_dict[key].shape != value.shape:
-            raise ValueError(
+            raise LoRAError(
                 f"LoRA shape mismatch at {key}: file has {tuple(state_dict[key].shape)}, "
                 f"this model expects {tuple(value.shape)} (another rank or architecture?)"
             )
     extra = [k for k in state_dict if k not in own]
     if extra:
-        raise ValueError(
+        raise LoRAError(
             f"LoRA state dict has {len(extra)} keys this model does not (first: {extra[0]}); "
             "was it trained with another target mode?"
         )

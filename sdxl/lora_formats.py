@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sdxl.lora import LoRALinearWrapper, lora_modules
+from sdxl.lora import LoRAError, LoRALinearWrapper, lora_modules
 from sdxl.unet import UNet2DConditionModel
 from sdxl.weights import read_safetensors, read_safetensors_header
 
@@ -56,9 +56,9 @@ def attach_lora(unet: nn.Module, modules: LoRAModules, scale: float = 1.0) -> No
     for name, (down, up, alpha) in modules.items():
         base = own.get(name)
         if type(base) is not nn.Linear:
-            raise ValueError(f"LoRA targets {name}, which is not a Linear layer of this UNet")
+            raise LoRAError(f"LoRA targets {name}, which is not a Linear layer of this UNet")
         if down.shape[1] != base.in_features or up.shape[0] != base.out_features:
-            raise ValueError(
+            raise LoRAError(
                 f"LoRA shape mismatch at {name}: file has down {tuple(down.shape)} / up {tuple(up.shape)}, "
                 f"this model's layer is {base.in_features} -> {base.out_features} (another architecture?)"
             )
@@ -85,7 +85,7 @@ def sgm_path(path: str, layers_per_block: int) -> str:
         return f"middle_block.1.{m[1]}"
     if m := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", path):
         return f"output_blocks.{n * int(m[1]) + int(m[2])}.1.{m[3]}"
-    raise ValueError(f"no original SDXL name for {path}")
+    raise LoRAError(f"no original SDXL name for {path}")
 
 
 def kohya_names(unet: UNet2DConditionModel) -> dict[str, str]:
@@ -136,7 +136,7 @@ def to_state_dict(modules: LoRAModules, fmt: str, layers_per_block: int = 2) -> 
         # diffusers stores the peft LoraConfig of each component with the component's prefix.
         metadata["lora_adapter_metadata"] = json.dumps({f"unet.{k}": v for k, v in config.items()})
     else:
-        raise ValueError(f"unknown LoRA format {fmt!r}; choose one of {FORMATS}")
+        raise LoRAError(f"unknown LoRA format {fmt!r}; choose one of {FORMATS}")
     return {k: v.contiguous() for k, v in tensors.items()}, metadata
 
 
@@ -177,7 +177,7 @@ def detect_format(keys: list[str]) -> str:
         return "diffusers"
     if keys and all(".lora." in k for k in keys):
         return "native"
-    raise ValueError(
+    raise LoRAError(
         f"not a LoRA file this project knows (first key: {keys[0] if keys else 'none'})"
     )
 
@@ -201,7 +201,7 @@ def from_state_dict(
                 continue
             name = key.removesuffix(".lora_down.weight")
             if name not in names:
-                raise ValueError(
+                raise LoRAError(
                     f"LoRA module {name} does not exist in this UNet (another architecture?)"
                 )
             alpha_tensor = tensors.get(f"{name}.alpha")

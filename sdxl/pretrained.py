@@ -19,7 +19,9 @@ import torch
 from safetensors.torch import save_file
 
 from sdxl.diffusion import NoiseSchedule
+from sdxl.text_encoders import SDXLTextEncoder
 from sdxl.unet import UNet2DConditionModel, config_from_diffusers, load_unet
+from sdxl.vae import SDXLVAE
 from sdxl.weights import WeightsError
 
 DEFAULT_MODEL = "./weights/sdxl-base-1.0"
@@ -76,8 +78,8 @@ class SDXLParts:
     """What a training or generation run loads from a model folder."""
 
     unet: UNet2DConditionModel
-    text_encoder: torch.nn.Module  # SDXLTextEncoder
-    vae: torch.nn.Module  # SDXLVAE
+    text_encoder: SDXLTextEncoder
+    vae: SDXLVAE
     schedule: NoiseSchedule
     folder: Path
 
@@ -91,9 +93,6 @@ def load_sdxl(
 ) -> SDXLParts:
     """Every component of a checked SDXL folder: UNet in `unet_dtype`, VAE in fp32, text encoders in
     fp16 on CUDA (fp32 on the CPU) unless `text_dtype` says otherwise."""
-    from sdxl.text_encoders import SDXLTextEncoder
-    from sdxl.vae import SDXLVAE
-
     index = json.loads((folder / "model_index.json").read_text())
     return SDXLParts(
         unet=load_unet(folder / "unet", unet_dtype, device),

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sdxl.errors import UserError
+
 _DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -28,7 +30,7 @@ _DTYPES = {
 }
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A weights file or folder that cannot be used; the message says what is wrong."""
 
 

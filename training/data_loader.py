@@ -1,0 +1,215 @@
+"""Image + caption data for SDXL training: a folder of pairs, or WebDataset tar shards.
+
+Each example becomes a square `image_size` crop in [-1, 1] plus SDXL's micro-conditioning, taken from
+the real numbers: the source image's size, the crop's top-left corner in the resized image (mirrored
+when the crop is flipped, so it describes what the model actually sees), and the training size.
+
+Randomness (crop position, flip, caption dropout) is drawn from a generator seeded by (seed, epoch,
+example index), so an epoch is the same whether it runs straight through, resumes mid-way, or is
+split over several processes.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from sdxl.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+class DataError(UserError, ValueError):
+    """Unusable training data; the message says what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One training example: where its image bytes are, and its caption."""
+
+    key: str  # file name (folder) or "<shard>/<key>" (WebDataset)
+    caption: str
+    path: Path  # the image file, or the tar shard
+    offset: int = -1  # where the image's bytes start inside the shard (-1: a plain file)
+    length: int = 0
+
+
+def _decodable(data: bytes | Path) -> bool:
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+            im.verify()
+        return True
+    except Exception:
+        return False
+
+
+def scan(data_dir: str | Path) -> list[Record]:
+    """Every usable (image, caption) pair, sorted by key. Unreadable images and images without a
+    caption are skipped with one warning each and counted in a summary line."""
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        raise DataError(
+            f"data folder {folder} does not exist; pass --data_dir FOLDER of image + .txt pairs or .tar shards"
+        )
+    shards = sorted(folder.glob("*.tar"))
+    records, skipped = _scan_shards(shards) if shards else _scan_folder(folder)
+    kind = f"{len(shards)} WebDataset shards" if shards else "an image folder"
+    log.info(
+        "data: %d image-caption pairs from %s in %s; %d skipped",
+        len(records),
+        kind,
+        folder,
+        skipped,
+    )
+    if not records:
+        raise DataError(
+            f"no usable image + caption pairs in {folder}: expected name.jpg|jpeg|png|webp with name.txt, or .tar shards"
+        )
+    return records
+
+
+def _scan_folder(folder: Path) -> tuple[list[Record], int]:
+    records, skipped = [], 0
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+        caption_file = path.with_suffix(".txt")
+        if not caption_file.is_file():
+            log.warning("skipping %s: no caption file %s", path, caption_file.name)
+            skipped += 1
+        elif not _decodable(path):
+            log.warning("skipping %s: not a readable image", path)
+            skipped += 1
+        else:
+            records.append(Record(path.name, caption_file.read_text().strip(), path))
+    return records, skipped
+
+
+def _scan_shards(shards: list[Path]) -> tuple[list[Record], int]:
+    """Index the shards once: WebDataset groups a sample's files by the name before the first dot."""
+    import webdataset as wds
+
+    records, skipped = [], 0
+    for shard in shards:
+        with tarfile.open(shard) as tar:  # byte ranges of the members, for random access later
+            members = {m.name: (m.offset_data, m.size) for m in tar.getmembers()}
+        for sample in wds.WebDataset(str(shard), shardshuffle=False, empty_check=False):
+            key = sample["__key__"]
+            image_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+            name = f"{shard.name}/{key}"
+            if image_ext is None:
+                log.warning("skipping %s: no image", name)
+                skipped += 1
+            elif "txt" not in sample:
+                log.warning("skipping %s.%s: no caption", name, image_ext)
+                skipped += 1
+            elif not _decodable(sample[image_ext]):
+                log.warning("skipping %s.%s: not a readable image", name, image_ext)
+                skipped += 1
+            else:
+                caption = sample["txt"].decode("utf-8").strip()
+                records.append(Record(name, caption, shard, *members[f"{key}.{image_ext}"]))
+    return records, skipped
+
+
+def load_image(record: Record) -> Image.Image:
+    if record.offset >= 0:
+        with open(record.path, "rb") as f:
+            f.seek(record.offset)
+            return Image.open(io.BytesIO(f.read(record.length))).convert("RGB")
+    with Image.open(record.path) as im:
+        return im.convert("RGB")
+
+
+def prepare(
+    image: Image.Image, size: int, center_crop: bool, random_flip: bool, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize the shorter side to `size`, crop `size` x `size`, maybe flip. Returns the image
+    (3, size, size) in [-1, 1] and SDXL's time ids (orig_h, orig_w, crop_top, crop_left, size, size).
+    """
+    orig_w, orig_h = image.size
+    scale = size / min(orig_w, orig_h)
+    w, h = max(size, round(orig_w * scale)), max(size, round(orig_h * scale))
+    image = image.resize((w, h), Image.Resampling.BICUBIC)
+    if center_crop:
+        top, left = (h - size) // 2, (w - size) // 2
+    else:
+        top = int(torch.randint(0, h - size + 1, (1,), generator=g))
+        left = int(torch.randint(0, w - size + 1, (1,), generator=g))
+    image = image.crop((left, top, left + size, top + size))
+    if random_flip and torch.rand(1, generator=g).item() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left = w - left - size  # the crop, mirrored, as seen in the flipped resized image
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
+    pixels = pixels.permute(2, 0, 1).float() / 127.5 - 1.0  # (3, size, size) in [-1, 1]
+    time_ids = torch.tensor([orig_h, orig_w, top, left, size, size], dtype=torch.float32)
+    return pixels, time_ids
+
+
+class TrainingData(torch.utils.data.Dataset):
+    """Map-style view of the records for one epoch: index i -> (pixels, time_ids, caption)."""
+
+    def __init__(
+        self,
+        records: list[Record],
+        image_size: int,
+        center_crop: bool = False,
+        random_flip: bool = False,
+        caption_dropout: float = 0.0,
+        seed: int = 0,
+    ):
+        self.records, self.size = records, image_size
+        self.center_crop, self.random_flip, self.caption_dropout = (
+            center_crop,
+            random_flip,
+            caption_dropout,
+        )
+        self.seed, self.epoch = seed, 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
+        record = self.records[i]
+        pixels, time_ids = prepare(
+            load_image(record), self.size, self.center_crop, self.random_flip, g
+        )
+        # Caption dropout: the empty prompt, so the model also learns the unconditional branch of
+        # classifier-free guidance.
+        caption = "" if torch.rand(1, generator=g).item() < self.caption_dropout else record.caption
+        return pixels, time_ids, caption
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of one epoch (the same on every process and after a resume)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+
+
+def batches(
+    data: TrainingData, batch_size: int, epoch: int, start: int = 0, workers: int = 0
+) -> Iterator:
+    """Batches of one epoch, skipping the first `start` batches (a resumed epoch). The last
+    incomplete batch is dropped so every step sees `batch_size` images."""
+    data.epoch = epoch
+    order = epoch_order(len(data), data.seed, epoch)
+    n_batches = len(order) // batch_size
+    sampler = [order[b * batch_size : (b + 1) * batch_size] for b in range(start, n_batches)]
+    loader = torch.utils.data.DataLoader(
+        data, batch_sampler=sampler, num_workers=workers, collate_fn=collate
+    )
+    return iter(loader)
+
+
+def collate(
+    items: list[tuple[torch.Tensor, torch.Tensor, str]],
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    pixels, time_ids, captions = zip(*items)
+    return torch.stack(pixels), torch.stack(time_ids), list(captions)
