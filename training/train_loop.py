@@ -58,7 +58,17 @@ class Trainer:
     make_noise: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = field(
         default=lambda x, g: torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
     )
+    sample_timesteps: Callable[[int, torch.Generator], torch.Tensor] | None = (
+        None  # default: uniform over all T
+    )
     after_step: Callable[[], None] = field(default=lambda: None)  # e.g. the EMA update
+
+    def __post_init__(self) -> None:
+        if self.sample_timesteps is None:
+            T, device = self.schedule.num_train_timesteps, self.device
+            self.sample_timesteps = lambda n, g: torch.randint(
+                0, T, (n,), generator=g, device=device
+            )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,155 @@
+"""Training on the tiny SDXL: overfitting, checkpoints, NaN handling, full fine-tuning."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_sdxl
+from sdxl.lora import apply_lora_to_unet
+from sdxl.pretrained import load_sdxl
+from training.data_loader import TrainingData, collate, scan
+from training.precision_util import resolve_precision
+from training.train_loop import Trainer, TrainingError, train_step
+from training.train_util import atomic_torch_save, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "shapes"
+
+
+def train_args(tiny_model, output_dir, *extra: str):
+    argv = [
+        "--data_dir",
+        str(EXAMPLES),
+        "--pretrained_model",
+        str(tiny_model),
+        "--output_dir",
+        str(output_dir),
+    ]
+    argv += ["--image_size", "32", "--precision", "fp32", *extra]
+    return train_sdxl.build_parser().parse_args(argv)
+
+
+def test_overfit_one_batch_and_only_adapters_change(tiny_model):
+    torch.manual_seed(0)
+    parts = load_sdxl(tiny_model, torch.float32)
+    unet = parts.unet
+    apply_lora_to_unet(unet, rank=8, alpha=8, target_mode="all")
+    base = {k: v.clone() for k, v in unet.state_dict().items() if ".lora." not in k}
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
+    data = TrainingData(scan(EXAMPLES)[:2], 32, center_crop=True)
+    batch = collate([data[0], data[1]])
+    fixed_t, fixed_noise = torch.tensor([300, 700]), torch.randn(
+        2, 4, 4, 4, generator=torch.Generator().manual_seed(1)
+    )
+    tr = Trainer(
+        unet=unet,
+        text_encoder=parts.text_encoder,
+        vae=parts.vae,
+        schedule=parts.schedule,
+        precision=resolve_precision("fp32", torch.device("cpu"), full_finetune=False),
+        params=params,
+        optimizer=opt,
+        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        generator=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+        make_noise=lambda x, g: fixed_noise,
+        sample_timesteps=lambda n, g: fixed_t,
+    )
+    losses = [train_step(tr, [batch])[0] for _ in range(40)]
+    # Stated factor: the loss at fixed noise and timesteps falls at least 3x in 40 steps
+    # (measured: 0.98 -> 0.21).
+    assert losses[-1] < losses[0] / 3, losses
+    for k, v in unet.state_dict().items():
+        if k in base:
+            assert torch.equal(v, base[k]), k
+
+
+def test_lora_run_writes_outputs_and_checkpoint_contents(tiny_model, tmp_path):
+    last = train_sdxl.main(
+        train_args(
+            tiny_model,
+            tmp_path,
+            "--use_lora",
+            "--lora_rank",
+            "4",
+            "--max_train_steps",
+            "6",
+            "--save_interval",
+            "2",
+            "--keep_last",
+            "2",
+        )
+    )
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "config.json" in names and "metrics.jsonl" in names
+    steps = [n for n in names if n.startswith("lora_step") and not n.endswith("_lowest_loss.pt")]
+    assert len(steps) == 2 and steps[-1].startswith(
+        "lora_step000006_"
+    )  # --keep_last 2 pruned the rest
+    assert not any(n.startswith("lora_epoch") for n in names)  # 8 images: 6 steps < 1 epoch
+    assert len([n for n in names if n.endswith("_lowest_loss.pt")]) == 1
+    ckpt = load_checkpoint(last)
+    assert ckpt["step"] == 6 and ckpt["epoch"] == 0 and ckpt["position"] == 6
+    assert ckpt["lora_config"] == {"rank": 4, "alpha": 32.0, "target_mode": "attention"}
+    assert set(ckpt) >= {
+        "lora",
+        "optimizer",
+        "lr_scheduler",
+        "scaler",
+        "rng",
+        "config",
+        "base_model",
+        "smoothed_loss",
+    }
+    assert all(".lora." in k for k in ckpt["lora"])
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and all(
+        k in lines[-1] for k in ("loss", "lr", "grad_norm", "images_per_s")
+    )
+
+
+def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    atomic_torch_save({"step": 1, "config": {}}, path)
+
+    def broken_save(obj, f):
+        Path(f).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        atomic_torch_save({"step": 2, "config": {}}, path)
+    assert load_checkpoint(path)["step"] == 1
+
+
+def test_nan_loss_stops_without_writing_weights(tiny_model, tmp_path):
+    args = train_args(
+        tiny_model, tmp_path, "--use_lora", "--max_train_steps", "3", "--noise_offset", "nan"
+    )
+    with pytest.raises(TrainingError, match="loss is nan"):
+        train_sdxl.main(args)
+    assert not list(tmp_path.glob("*.pt"))
+
+
+def test_full_finetune_run(tiny_model, tmp_path):
+    last = train_sdxl.main(
+        train_args(tiny_model, tmp_path, "--max_train_steps", "2", "--learning_rate", "1e-3")
+    )
+    ckpt = load_checkpoint(last)
+    assert ckpt["lora"] is None and ckpt["unet_file"].startswith("unet_step000002_")
+    from sdxl.unet import load_unet
+    from sdxl.weights import read_safetensors
+
+    trained = read_safetensors(tmp_path / ckpt["unet_file"])
+    original = load_unet(tiny_model / "unet").state_dict()
+    assert set(trained) == set(original)
+    assert any(not torch.equal(trained[k], original[k]) for k in original)
+
+
+def test_lora_state_dict_changes_during_training(tiny_model, tmp_path):
+    last = train_sdxl.main(train_args(tiny_model, tmp_path, "--use_lora", "--max_train_steps", "2"))
+    lora = load_checkpoint(last)["lora"]
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if ".up." in k)  # up starts at zero
