@@ -153,3 +153,27 @@ def test_lora_state_dict_changes_during_training(tiny_model, tmp_path):
     last = train_sdxl.main(train_args(tiny_model, tmp_path, "--use_lora", "--max_train_steps", "2"))
     lora = load_checkpoint(last)["lora"]
     assert any(v.abs().sum() > 0 for k, v in lora.items() if ".up." in k)  # up starts at zero
+
+
+def test_validation_loss_and_wandb_offline(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = train_args(
+        tiny_model,
+        tmp_path,
+        "--use_lora",
+        "--max_train_steps",
+        "2",
+        "--validation_split",
+        "0.25",
+        "--validation_steps",
+        "1",
+        "--wandb_project",
+        "sdxl-lora-test",
+    )
+    train_sdxl.main(args)
+    import json
+
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all("val_loss" in r for r in records)
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
