@@ -187,6 +187,12 @@ def tiny_configs(vocab_size: int) -> dict[str, dict]:
 
 def write_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
     """Write a complete tiny SDXL folder (random weights from `seed`), atomically."""
+    return write_random_sdxl(folder, tiny_configs(len(clip_byte_vocab()[0])), seed)
+
+
+def write_random_sdxl(folder: Path, configs: dict[str, dict], seed: int = 0) -> Path:
+    """Write an SDXL-layout folder with random weights for the given component configs (as
+    `tiny_configs` returns), atomically."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -195,7 +201,6 @@ def write_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     torch.manual_seed(seed)
     vocab, merges = clip_byte_vocab()
-    configs = tiny_configs(len(vocab))
 
     for name in ("tokenizer", "tokenizer_2"):
         (tmp / name).mkdir()

@@ -1,0 +1,171 @@
+"""Images/s of a whole LoRA training step, with where the time goes.
+
+The step is split into its parts (data loading and augmentation, VAE encode, text encode, UNet
+forward + backward, optimizer) and each is timed separately, on the tiny SDXL, a mid-size random SDXL,
+or a real SDXL folder. On CUDA the peak `torch.cuda.max_memory_allocated` is printed too.
+
+    uv run python bench/train_throughput.py --model tiny --image_size 64
+    uv run python bench/train_throughput.py --model mid --image_size 256 --steps 5
+    uv run python bench/train_throughput.py --model ./weights/sdxl-base-1.0 --image_size 512 --rank 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sdxl.lora import apply_lora_to_unet
+from sdxl.pretrained import (
+    clip_byte_vocab,
+    load_sdxl,
+    resolve_model,
+    tiny_cache_dir,
+    tiny_configs,
+    write_random_sdxl,
+)
+from training.data_loader import TrainingData, collate, scan
+from training.precision_util import resolve_precision
+from training.train_loop import Trainer, diffusion_loss
+
+
+def mid_sdxl() -> Path:
+    """A random SDXL at about a quarter of the real widths, written once into the cache."""
+    folder = tiny_cache_dir().with_name("mid-sdxl-v1")
+    if not (folder / "model_index.json").is_file():
+        configs = tiny_configs(len(clip_byte_vocab()[0]))
+        configs["unet"].update(
+            block_out_channels=[128, 256, 512],
+            transformer_layers_per_block=[1, 2, 4],
+            attention_head_dim=[2, 4, 8],
+            cross_attention_dim=128 + 256,
+            addition_time_embed_dim=64,
+            projection_class_embeddings_input_dim=256 + 6 * 64,
+            norm_num_groups=32,
+        )
+        configs["vae"].update(
+            block_out_channels=[32, 64, 128, 128], layers_per_block=2, norm_num_groups=32
+        )
+        configs["text_encoder"].update(
+            hidden_size=128,
+            intermediate_size=512,
+            num_attention_heads=2,
+            num_hidden_layers=4,
+            projection_dim=128,
+        )
+        configs["text_encoder_2"].update(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_attention_heads=4,
+            num_hidden_layers=4,
+            projection_dim=256,
+        )
+        write_random_sdxl(folder, configs)
+    return folder
+
+
+def main(args: argparse.Namespace) -> None:
+    device = torch.device(
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    folder = mid_sdxl() if args.model == "mid" else resolve_model(args.model)
+    precision = resolve_precision(args.precision, device, full_finetune=False)
+    parts = load_sdxl(folder, precision.unet_dtype, device, precision.text_dtype)
+    unet = parts.unet
+    apply_lora_to_unet(unet, args.rank, args.rank, "attention")
+    unet.enable_gradient_checkpointing()
+    unet.to(memory_format=torch.channels_last)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    tr = Trainer(
+        unet=unet,
+        text_encoder=parts.text_encoder,
+        vae=parts.vae,
+        schedule=parts.schedule,
+        precision=precision,
+        params=params,
+        optimizer=opt,
+        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+        scaler=precision.grad_scaler(),
+        generator=torch.Generator(device).manual_seed(0),
+        device=device,
+    )
+    data = TrainingData(scan(args.data_dir), args.image_size, random_flip=True)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = defaultdict(list)
+
+    @contextlib.contextmanager
+    def timed(name: str):
+        sync()
+        start = time.perf_counter()
+        yield
+        sync()
+        times[name].append(time.perf_counter() - start)
+
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            times.clear()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+        with timed("data"):
+            idx = [(step * args.batch_size + i) % len(data) for i in range(args.batch_size)]
+            pixels, time_ids, captions = collate([data[i] for i in idx])
+        with timed("vae encode"):
+            latents = tr.vae.encode(pixels.to(device), tr.generator)
+        with timed("text encode"):
+            context, pooled = tr.text_encoder.encode(captions)
+        with timed("unet fwd+bwd"):
+            noise = torch.randn(latents.shape, generator=tr.generator, device=device)
+            t = torch.randint(0, 1000, (latents.shape[0],), generator=tr.generator, device=device)
+            loss = diffusion_loss(
+                tr, latents, context, pooled, time_ids.to(device), t, noise
+            ).mean()
+            loss.backward()
+        with timed("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    total = sum(statistics.median(v) for v in times.values())
+    print(
+        f"model {args.model}, {args.image_size}px, batch {args.batch_size}, rank {args.rank}, {precision.name}, {device}"
+    )
+    for name, v in times.items():
+        m = statistics.median(v)
+        print(f"  {name:14s} {m * 1000:9.1f} ms  {100 * m / total:5.1f}%")
+    print(f"  {'step':14s} {total * 1000:9.1f} ms  -> {args.batch_size / total:.2f} images/s")
+    if device.type == "cuda":
+        print(f"  peak memory allocated: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default="tiny", help="tiny, mid, or a diffusers-layout SDXL folder")
+    p.add_argument(
+        "--data_dir", default=str(ROOT / "examples" / "shapes"), help="image + caption folder"
+    )
+    p.add_argument("--image_size", type=int, default=64, help="training resolution")
+    p.add_argument("--batch_size", type=int, default=1, help="images per step")
+    p.add_argument(
+        "--rank", type=int, default=4, help="LoRA rank on the attention projections (alpha = rank)"
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="UNet precision",
+    )
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps")
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    main(p.parse_args())
