@@ -1,0 +1,252 @@
+"""Generate a COCO-style image dataset with SDXL and a LoRA.
+
+    uv run python generate_images.py --lora-checkpoint outputs/tiny/lora_step000030_lowest_loss.pt \\
+        --pretrained-model tiny --prompt "a red circle on a white background" --num-images 4 --image-size 64
+
+    uv run python generate_images.py --lora-checkpoint lora_step_1800_lowest_loss.pt \\
+        --prompt-file captions.txt --num-images 100 --batch-size 4 --image-size 512 \\
+        --output-dir ./generated_dataset
+
+Writes 00000.png, 00000.txt (the prompt) and 00000.json (prompt, negative prompt, seed, steps, guidance,
+sampler, size, base model, LoRA file and scale) per image, numbered from 00000; image i uses seed
+--seed + i. Re-running the same command continues after the last finished image and never overwrites
+one. The folder is directly a training dataset for train_sdxl.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from sampling.inference import (
+    Pipeline,
+    apply_lora_file,
+    generate_unique_batch,
+    lora_base_model,
+    read_lora_any,
+)
+from sdxl.diffusion import SAMPLERS
+from sdxl.errors import UserError
+from sdxl.lora_formats import attach_lora
+from sdxl.pretrained import DEFAULT_MODEL, load_sdxl, resolve_model
+from sdxl.unet import UNet2DConditionModel, config_from_diffusers
+from training.precision_util import DTYPES
+from training.train_util import atomic_write_json
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'512' -> (512, 512); '768x512' -> width 768, height 512. Returns (width, height)."""
+    try:
+        w, h = (
+            (int(v) for v in text.lower().split("x")) if "x" in text.lower() else (int(text),) * 2
+        )
+    except ValueError:
+        raise UserError(
+            f"--image-size {text!r} is not a size; use 512 or WIDTHxHEIGHT such as 768x512"
+        ) from None
+    if w <= 0 or h <= 0 or w % 8 or h % 8:
+        raise UserError(f"--image-size {text!r}: width and height must be positive multiples of 8")
+    return w, h
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise UserError(f"prompt file {path} does not exist")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise UserError(f"prompt file {path} has no prompts (one prompt a line)")
+    elif args.prompt:
+        prompts = [args.prompt]
+    else:
+        raise UserError("give --prompt TEXT or --prompt-file FILE")
+    if args.shuffle_prompts:
+        random.Random(args.seed).shuffle(prompts)
+    return prompts
+
+
+def check_lora_fits(lora: Path, model_folder: Path) -> None:
+    """Attach the LoRA to a UNet built on the meta device: a file for another architecture fails
+    here, before any weights are loaded."""
+    config = json.loads((model_folder / "unet" / "config.json").read_text())
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(config_from_diffusers(config))
+    weights = read_lora_any(lora, unet)
+    if all(isinstance(v, tuple) for v in weights.values()):
+        attach_lora(unet, weights)  # type: ignore[arg-type]
+
+
+def save_image(pixels: torch.Tensor, path: Path) -> None:
+    array = (pixels.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    tmp.replace(path)  # the .png appears last: its presence means the image is finished
+
+
+def main(args: argparse.Namespace) -> Path:
+    # -- input checks, before any model is loaded ---------------------------------------------
+    if args.num_images < 1:
+        raise UserError(f"--num-images must be at least 1, got {args.num_images}")
+    width, height = parse_size(args.image_size)
+    prompts = read_prompts(args)
+    if args.sampler not in SAMPLERS:
+        raise UserError(f"unknown --sampler {args.sampler!r}; choose one of {sorted(SAMPLERS)}")
+    lora = Path(args.lora_checkpoint) if args.lora_checkpoint else None
+    if lora is not None and not lora.is_file():
+        raise UserError(f"LoRA file {lora} does not exist")
+    base = args.pretrained_model or (lora_base_model(lora) if lora else None) or DEFAULT_MODEL
+    model_folder = resolve_model(base)
+    if lora is not None:
+        check_lora_fits(lora, model_folder)
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(args.num_images) if not (out / f"{i:05d}.png").exists()]
+    atomic_write_json(
+        {**vars(args), "base_model": str(model_folder)}, out / "generation_config.json"
+    )
+    if not todo:
+        print(f"all {args.num_images} images already in {out}")
+        return out
+
+    # -- models --------------------------------------------------------------------------------
+    device = torch.device(
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    precision = (
+        args.precision
+        if args.precision != "auto"
+        else ("fp16" if device.type == "cuda" else "fp32")
+    )
+    parts = load_sdxl(model_folder, DTYPES[precision], device, vae_folder=args.vae)
+    if lora is not None:
+        apply_lora_file(parts.unet, lora, args.lora_scale)
+    parts.unet.to(memory_format=torch.channels_last)
+    pipe = Pipeline(
+        parts.unet, parts.text_encoder, parts.vae, parts.schedule, device, DTYPES[precision]
+    )
+
+    # -- generation ----------------------------------------------------------------------------
+    start, done = time.perf_counter(), 0
+    bar = tqdm(
+        total=args.num_images,
+        initial=args.num_images - len(todo),
+        desc="generate",
+        dynamic_ncols=True,
+    )
+    for b in range(0, len(todo), args.batch_size):
+        indices = todo[b : b + args.batch_size]
+        batch_prompts = [prompts[i % len(prompts)] for i in indices]  # prompts cycle
+        seeds = [args.seed + i for i in indices]
+        images = generate_unique_batch(
+            pipe,
+            batch_prompts,
+            seeds,
+            height,
+            width,
+            args.steps,
+            args.guidance_scale,
+            args.negative_prompt,
+            args.sampler,
+        )
+        for i, prompt, seed, image in zip(indices, batch_prompts, seeds, images):
+            meta = {
+                "prompt": prompt,
+                "negative_prompt": args.negative_prompt,
+                "seed": seed,
+                "steps": args.steps,
+                "guidance_scale": args.guidance_scale,
+                "sampler": args.sampler,
+                "width": width,
+                "height": height,
+                "base_model": str(model_folder),
+                "lora": str(lora) if lora else None,
+                "lora_scale": args.lora_scale,
+            }
+            (out / f"{i:05d}.txt").write_text(prompt + "\n")
+            atomic_write_json(meta, out / f"{i:05d}.json")
+            save_image(image, out / f"{i:05d}.png")
+        done += len(indices)
+        bar.update(len(indices))
+    bar.close()
+    elapsed = time.perf_counter() - start
+    print(f"{done} images in {elapsed:.1f} s: {done / elapsed:.2f} images/s -> {out}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--lora-checkpoint",
+        default=None,
+        help="a training checkpoint (.pt) or a LoRA .safetensors (ours, diffusers or kohya format)",
+    )
+    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA update")
+    p.add_argument("--prompt", default=None, help="one prompt for every image")
+    p.add_argument(
+        "--prompt-file",
+        default=None,
+        help="a text file, one prompt a line (blank lines skipped); prompts cycle",
+    )
+    p.add_argument(
+        "--shuffle-prompts",
+        action="store_true",
+        help="shuffle the prompt file's order (with --seed)",
+    )
+    p.add_argument(
+        "--negative-prompt",
+        default=None,
+        help="negative prompt (default: none, i.e. SDXL's zero embedding)",
+    )
+    p.add_argument("--num-images", type=int, default=1, help="how many images")
+    p.add_argument("--batch-size", type=int, default=1, help="images per UNet batch")
+    p.add_argument(
+        "--image-size", default="1024", help="512, or WIDTHxHEIGHT such as 768x512 (multiples of 8)"
+    )
+    p.add_argument("--steps", type=int, default=30, help="sampling steps")
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=5.0,
+        help="classifier-free guidance scale (1 disables it)",
+    )
+    p.add_argument(
+        "--sampler", default="euler", choices=sorted(SAMPLERS), help="sampling algorithm"
+    )
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--output-dir", default="./generated_dataset", help="where the images go")
+    p.add_argument(
+        "--pretrained-model",
+        default=None,
+        help=f"SDXL folder or 'tiny' (default: the LoRA's base model, else {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--vae", type=Path, default=None, help="another VAE folder (e.g. the fp16-fix VAE)"
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="UNet precision (auto: fp16 on CUDA, fp32 on the CPU)",
+    )
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    return p
+
+
+if __name__ == "__main__":
+    try:
+        main(build_parser().parse_args())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

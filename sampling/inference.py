@@ -1,0 +1,157 @@
+"""Text-to-image generation with SDXL and a LoRA.
+
+`generate_unique_batch` makes one image per prompt, each from its own seed: image i's starting noise is
+drawn from a generator seeded with seeds[i] alone, so an image is the same whatever batch it is in.
+`generate` is several images of one prompt (seeds seed, seed + 1, ...).
+
+Classifier-free guidance runs the unconditional and conditional halves in one batched UNet call:
+eps = eps_uncond + w (eps_cond - eps_uncond). Without a negative prompt SDXL's unconditional
+embedding is all zeros.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdxl.diffusion import SAMPLERS, EpsModel, NoiseSchedule
+from sdxl.lora import merge_lora
+from sdxl.lora_formats import LoRAModules, attach_lora, read_lora_file
+from sdxl.text_encoders import SDXLTextEncoder
+from sdxl.unet import UNet2DConditionModel
+from sdxl.vae import SDXLVAE
+from sdxl.weights import WeightsError, read_safetensors
+from training.train_util import load_checkpoint
+
+
+@dataclass
+class Pipeline:
+    unet: UNet2DConditionModel
+    text_encoder: SDXLTextEncoder
+    vae: SDXLVAE
+    schedule: NoiseSchedule
+    device: torch.device
+    dtype: torch.dtype  # the UNet's
+
+
+def guided(
+    unet: UNet2DConditionModel,
+    context: torch.Tensor,
+    pooled: torch.Tensor,
+    time_ids: torch.Tensor,
+    guidance_scale: float,
+    dtype: torch.dtype,
+) -> EpsModel:
+    """The noise prediction a sampler sees. With guidance, the conditioning tensors are [uncond;
+    cond] along the batch and each call runs both halves at once."""
+    cond = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
+    context = context.to(dtype)
+
+    def eps_guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = unet(torch.cat([x, x]).to(dtype), t, context, cond).float()
+        uncond, text = out.chunk(2)
+        return uncond + guidance_scale * (text - uncond)
+
+    def eps_plain(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return unet(x.to(dtype), t, context, cond).float()
+
+    return eps_guided if guidance_scale > 1 else eps_plain
+
+
+@torch.no_grad()
+def generate_unique_batch(
+    pipe: Pipeline,
+    prompts: list[str],
+    seeds: list[int],
+    height: int = 1024,
+    width: int = 1024,
+    steps: int = 30,
+    guidance_scale: float = 5.0,
+    negative_prompt: str | None = None,
+    sampler: str = "euler",
+) -> torch.Tensor:
+    """One image per prompt, image i from seeds[i]. Returns (B, 3, height, width) in [0, 1]."""
+    if len(prompts) != len(seeds):
+        raise ValueError("one seed per prompt")
+    B = len(prompts)
+    context, pooled = pipe.text_encoder.encode(prompts)
+    # SDXL time ids: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) for an uncropped image
+    # of the requested size.
+    time_ids = torch.tensor(
+        [[height, width, 0, 0, height, width]] * B, dtype=torch.float32, device=pipe.device
+    )
+    if guidance_scale > 1:
+        negatives = None if negative_prompt is None else [negative_prompt] * B
+        neg_context, neg_pooled = pipe.text_encoder.encode_negative(negatives, B)
+        context, pooled = torch.cat([neg_context, context]), torch.cat([neg_pooled, pooled])
+        time_ids = torch.cat([time_ids, time_ids])
+    generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds]
+    shape = (1, 4, height // 8, width // 8)
+    noise = torch.cat([torch.randn(shape, generator=g, device=pipe.device) for g in generators])
+    eps = guided(pipe.unet, context, pooled, time_ids, guidance_scale, pipe.dtype)
+    latents = SAMPLERS[sampler](eps, noise, pipe.schedule, steps, generators)
+    images = pipe.vae.decode(latents.float())  # fp32 decode: the SDXL VAE overflows in fp16
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def generate(pipe: Pipeline, prompt: str, num_images: int, seed: int, **kwargs) -> torch.Tensor:
+    """Several images of one prompt, from seeds seed, seed + 1, ..."""
+    return generate_unique_batch(
+        pipe, [prompt] * num_images, [seed + i for i in range(num_images)], **kwargs
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA files for generation
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_base_model(path: str | Path) -> str | None:
+    """The base model a LoRA checkpoint or exported file records, if any."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        return load_checkpoint(path).get("base_model")
+    from sdxl.weights import read_safetensors_header
+
+    return read_safetensors_header(path)[0].get("__metadata__", {}).get("base_model")
+
+
+def read_lora_any(
+    path: str | Path, unet: UNet2DConditionModel
+) -> LoRAModules | dict[str, torch.Tensor]:
+    """A training checkpoint (.pt) or an exported safetensors file in any supported format ->
+    LoRA modules; a full fine-tuning checkpoint -> the UNet state dict it references."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"LoRA file {path} does not exist")
+    if path.suffix != ".pt":
+        return read_lora_file(path, unet)
+    ckpt = load_checkpoint(path)
+    if ckpt["lora"] is None:
+        return read_safetensors(path.parent / ckpt["unet_file"])
+    alpha = ckpt["lora_config"]["alpha"]
+    return {
+        key.removesuffix(".lora.down.weight"): (
+            down,
+            ckpt["lora"][key.replace(".lora.down.", ".lora.up.")],
+            alpha,
+        )
+        for key, down in ckpt["lora"].items()
+        if key.endswith(".lora.down.weight")
+    }
+
+
+def apply_lora_file(
+    unet: UNet2DConditionModel, path: str | Path, scale: float = 1.0, merge: bool = True
+) -> None:
+    """Load a LoRA (any format, or a training checkpoint) into the UNet, merged for speed."""
+    weights = read_lora_any(path, unet)
+    if all(isinstance(v, tuple) for v in weights.values()):
+        attach_lora(unet, weights, scale)  # type: ignore[arg-type]
+        if merge:
+            merge_lora(unet)
+    else:  # a full fine-tune: the whole UNet
+        dtype = next(unet.parameters()).dtype
+        unet.load_state_dict({k: v.to(dtype) for k, v in weights.items()})  # type: ignore[union-attr]
