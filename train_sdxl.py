@@ -24,9 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from sampling.inference import Pipeline, generate_unique_batch
 from sdxl.errors import UserError
 from sdxl.lora import TARGET_MODES, apply_lora_to_unet, get_lora_state_dict, load_lora_state_dict
 from sdxl.pretrained import DEFAULT_MODEL, load_sdxl, resolve_model
@@ -79,6 +81,7 @@ def main(args: argparse.Namespace) -> Path:
             f"= {args.batch_size * args.gradient_accumulation_steps}; lower them or add images"
         )
     max_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+    read_validation_prompts(args.validation_prompts)
     resume = load_checkpoint(args.resume) if args.resume else None
     model_folder = resolve_model(args.pretrained_model)
     device = torch.device(
@@ -155,6 +158,30 @@ def main(args: argparse.Namespace) -> Path:
 
     # -- the loop --------------------------------------------------------------------------------
     metrics = MetricsLog(output_dir / "metrics.jsonl", args.wandb_project, config)
+    validation_prompts = read_validation_prompts(args.validation_prompts)
+
+    def validation_images(step: int) -> None:
+        """Fixed-seed images of the validation prompts, as one PNG grid (EMA weights if kept)."""
+        if ema is not None:
+            ema.swap()
+        pipe = Pipeline(
+            unet, parts.text_encoder, parts.vae, parts.schedule, device, precision.compute_dtype
+        )
+        seeds = [args.seed + i for i in range(len(validation_prompts))]
+        images = generate_unique_batch(
+            pipe,
+            validation_prompts,
+            seeds,
+            args.image_size,
+            args.image_size,
+            args.validation_sampling_steps,
+        )
+        if ema is not None:
+            ema.swap()
+        path = output_dir / f"validation_step{step:06d}.png"
+        image_grid(images).save(path)
+        metrics.log_image("validation", path, step)
+
     lora_config = {
         "rank": args.lora_rank,
         "alpha": args.lora_alpha,
@@ -233,8 +260,11 @@ def main(args: argparse.Namespace) -> Path:
             "grad_norm": grad_norm,
             "images_per_s": ips,
         }
-        if val_batches and args.validation_steps and st.step % args.validation_steps == 0:
-            record["val_loss"] = validate(tr, val_batches, seed=args.seed)
+        if args.validation_steps and st.step % args.validation_steps == 0:
+            if val_batches:
+                record["val_loss"] = validate(tr, val_batches, seed=args.seed)
+            if validation_prompts:
+                validation_images(st.step)
         metrics.log(record)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.2f}")
         bar.update(1)
@@ -273,6 +303,29 @@ def main(args: argparse.Namespace) -> Path:
         for s, handler in previous.items():
             signal.signal(s, handler)
     return Path(last["path"])
+
+
+def read_validation_prompts(path: str | None) -> list[str]:
+    if path is None:
+        return []
+    if not Path(path).is_file():
+        raise DataError(f"validation prompt file {path} does not exist")
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise DataError(f"validation prompt file {path} has no prompts (one prompt a line)")
+    return prompts
+
+
+def image_grid(images: torch.Tensor) -> Image.Image:
+    """(N, 3, H, W) in [0, 1] -> one PIL image, up to 4 per row."""
+    n, _, h, w = images.shape
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, img in enumerate(images):
+        array = (img.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
+        grid.paste(Image.fromarray(array), ((i % cols) * w, (i // cols) * h))
+    return grid
 
 
 def restore(ckpt: dict, tr: Trainer, ema: EMA | None, state: TrainState, folder: Path) -> None:
@@ -330,7 +383,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--validation_steps",
         type=int,
         default=0,
-        help="compute the validation loss every N steps (0: only at checkpoints)",
+        help="every N steps: the validation loss and the validation images (0: off)",
+    )
+    g.add_argument(
+        "--validation_prompts",
+        default=None,
+        help="a text file of prompts (one a line) rendered every --validation_steps",
+    )
+    g.add_argument(
+        "--validation_sampling_steps",
+        type=int,
+        default=20,
+        help="sampling steps for validation images",
     )
     g.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
     g = p.add_argument_group("model")

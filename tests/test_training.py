@@ -177,3 +177,43 @@ def test_validation_loss_and_wandb_offline(tiny_model, tmp_path, monkeypatch):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all("val_loss" in r for r in records)
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_validation_images_with_ema(tiny_model, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    args = train_args(
+        tiny_model,
+        tmp_path / "out",
+        "--use_lora",
+        "--use_ema",
+        "--max_train_steps",
+        "2",
+        "--validation_prompts",
+        str(prompts),
+        "--validation_steps",
+        "2",
+        "--validation_sampling_steps",
+        "2",
+    )
+    last = train_sdxl.main(args)
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "out" / "validation_step000002.png")
+    assert grid.size == (2 * 32, 32)
+    ema = load_checkpoint(last)["ema"]
+    assert ema is not None and len(ema["shadow"]) == len(load_checkpoint(last)["lora"])
+
+
+def test_ema_swap_round_trip():
+    from training.ema import EMA
+
+    p = torch.nn.Parameter(torch.ones(3))
+    ema = EMA([p], decay=0.5)
+    with torch.no_grad():
+        p.fill_(3.0)
+    ema.update()  # shadow = 0.5 * 1 + 0.5 * 3 = 2
+    ema.swap()
+    assert torch.equal(p.detach(), torch.full((3,), 2.0))
+    ema.swap()
+    assert torch.equal(p.detach(), torch.full((3,), 3.0))

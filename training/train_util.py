@@ -140,6 +140,12 @@ class MetricsLog:
                 {k: v for k, v in record.items() if k != "step"}, step=record.get("step")
             )
 
+    def log_image(self, name: str, path: Path, step: int) -> None:
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Image(str(path))}, step=step)
+
     def close(self) -> None:
         self.file.close()
         if self.wandb is not None:
