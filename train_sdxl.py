@@ -21,6 +21,7 @@ import argparse
 import signal
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -118,7 +119,11 @@ def main(args: argparse.Namespace) -> Path:
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(args.lr_scheduler, args.lr_warmup_steps, max_steps)
     )
-    ema = EMA(params, args.ema_decay) if args.use_ema else None
+    ema = (
+        EMA([(n, p) for n, p in unet.named_parameters() if p.requires_grad], args.ema_decay)
+        if args.use_ema
+        else None
+    )
     generator = torch.Generator(device).manual_seed(args.seed)
     tr = Trainer(
         unet=unet,
@@ -204,6 +209,7 @@ def main(args: argparse.Namespace) -> Path:
             "best_loss": state.best_loss,
             "lora": get_lora_state_dict(unet) if args.use_lora else None,
             "lora_config": lora_config if args.use_lora else None,
+            "unet_config": asdict(unet.config),
             "unet_file": None,
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_scheduler.state_dict(),

@@ -1,0 +1,105 @@
+"""Write a weights-only safetensors file from a training checkpoint.
+
+    uv run python extract_lora_weights.py outputs/tiny/lora_step000030_lowest_loss.pt
+    uv run python extract_lora_weights.py CHECKPOINT --format kohya --dtype fp16     # ComfyUI, A1111, Forge
+    uv run python extract_lora_weights.py CHECKPOINT --format diffusers               # load_lora_weights
+    uv run python extract_lora_weights.py CHECKPOINT --ema --output my_lora.safetensors
+
+Formats: native (loads back into this project), diffusers (peft keys + LoraConfig metadata) and kohya
+(`lora_unet_input_blocks_...` with `.alpha`). Metadata: rank, alpha, target mode, base model, step.
+A full fine-tuning checkpoint gives its UNet as a diffusers-named safetensors file (native format).
+The default output is next to the checkpoint: <checkpoint name>_<format>[_ema].safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from sdxl.errors import UserError
+from sdxl.lora_formats import FORMATS, LoRAModules, save_lora_file
+from sdxl.weights import read_safetensors
+from training.precision_util import DTYPES
+from training.train_util import load_checkpoint
+
+
+def lora_modules_from_checkpoint(ckpt: dict, ema: bool) -> LoRAModules:
+    """(down, up, alpha) per module, from the live adapter weights or their EMA."""
+    weights = ckpt["lora"]
+    if ema:
+        if ckpt.get("ema") is None:
+            raise UserError("this checkpoint has no EMA weights (it was trained without --use_ema)")
+        weights = ckpt["ema"]["shadow"]
+    alpha = float(ckpt["lora_config"]["alpha"])
+    return {
+        key.removesuffix(".lora.down.weight"): (
+            down,
+            weights[key.replace(".lora.down.", ".lora.up.")],
+            alpha,
+        )
+        for key, down in weights.items()
+        if key.endswith(".lora.down.weight")
+    }
+
+
+def main(args: argparse.Namespace) -> Path:
+    checkpoint = Path(args.checkpoint)
+    ckpt = load_checkpoint(checkpoint)
+    suffix = f"_{args.format}" + ("_ema" if args.ema else "")
+    output = (
+        Path(args.output)
+        if args.output
+        else checkpoint.with_name(checkpoint.stem + suffix + ".safetensors")
+    )
+    dtype = DTYPES[args.dtype]
+    info = {"base_model": ckpt.get("base_model", ""), "step": ckpt["step"], "ema": int(args.ema)}
+    if ckpt["lora"] is None:  # full fine-tuning
+        if args.format != "native" or args.ema:
+            raise UserError(
+                "a full fine-tuning checkpoint exports its UNet in native format only, without --ema"
+            )
+        state = read_safetensors(checkpoint.parent / ckpt["unet_file"], dtype)
+        tmp = output.with_name(output.name + ".tmp")
+        save_file(state, tmp, metadata={"format": "pt", **{k: str(v) for k, v in info.items()}})
+        tmp.replace(output)
+    else:
+        lora = ckpt["lora_config"]
+        info.update(rank=lora["rank"], alpha=lora["alpha"], target_mode=lora["target_mode"])
+        layers = ckpt["unet_config"]["layers_per_block"]  # kohya names count blocks per level
+        save_lora_file(
+            output, lora_modules_from_checkpoint(ckpt, args.ema), args.format, info, dtype, layers
+        )
+    print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {args.format}, {args.dtype})")
+    return output
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("checkpoint", help="a training checkpoint (.pt): step, epoch or lowest-loss")
+    p.add_argument(
+        "--format",
+        default="native",
+        choices=FORMATS,
+        help="file layout (kohya for ComfyUI / AUTOMATIC1111)",
+    )
+    p.add_argument("--output", default=None, help="output file (default: next to the checkpoint)")
+    p.add_argument(
+        "--dtype", default="fp16", choices=list(DTYPES), help="dtype of the written tensors"
+    )
+    p.add_argument(
+        "--ema", action="store_true", help="export the EMA weights instead of the live ones"
+    )
+    return p
+
+
+if __name__ == "__main__":
+    try:
+        main(build_parser().parse_args())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
