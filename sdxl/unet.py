@@ -107,6 +107,21 @@ _INFORMATIONAL = {
     "addition_embed_type_num_heads",
 }
 
+# Keys of the config that may vary, and the UNetConfig field each sets.
+_FREE_KEYS = {
+    "in_channels": "in_channels",
+    "out_channels": "out_channels",
+    "block_out_channels": "block_out_channels",
+    "layers_per_block": "layers_per_block",
+    "transformer_layers_per_block": "transformer_layers_per_block",
+    "attention_head_dim": "num_heads",
+    "cross_attention_dim": "cross_attention_dim",
+    "addition_time_embed_dim": "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim": "projection_class_embeddings_input_dim",
+    "norm_num_groups": "norm_num_groups",
+    "norm_eps": "norm_eps",
+}
+
 
 def _per_level(name: str, value: Any) -> tuple[int, int, int]:
     if isinstance(value, int):
@@ -156,21 +171,6 @@ def config_from_diffusers(config: dict[str, Any]) -> UNetConfig:
         if ch % heads:
             raise ValueError(f"unet config: {ch} channels are not divisible by {heads} heads")
     return cfg
-
-
-_FREE_KEYS = {
-    "in_channels": "in_channels",
-    "out_channels": "out_channels",
-    "block_out_channels": "block_out_channels",
-    "layers_per_block": "layers_per_block",
-    "transformer_layers_per_block": "transformer_layers_per_block",
-    "attention_head_dim": "num_heads",
-    "cross_attention_dim": "cross_attention_dim",
-    "addition_time_embed_dim": "addition_time_embed_dim",
-    "projection_class_embeddings_input_dim": "projection_class_embeddings_input_dim",
-    "norm_num_groups": "norm_num_groups",
-    "norm_eps": "norm_eps",
-}
 
 
 # ---------------------------------------------------------------------------------------------
