@@ -18,6 +18,8 @@ checkpoints (`lora_step000100_<time>.pt`, ...). Resume with --resume CHECKPOINT 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
 import sys
 import time
@@ -25,8 +27,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from sampling.inference import Pipeline, generate_unique_batch
@@ -75,19 +79,19 @@ def main(args: argparse.Namespace) -> Path:
     # -- everything that can fail on bad input, before any model is loaded ---------------------
     records = scan(args.data_dir)
     train_records, val_records = split_records(records, args.validation_split, args.seed)
-    steps_per_epoch = len(train_records) // args.batch_size // args.gradient_accumulation_steps
+    rank, world, device = init_distributed(args.device)
+    main_process = rank == 0
+    samples_per_step = args.batch_size * world * args.gradient_accumulation_steps
+    steps_per_epoch = len(train_records) // samples_per_step
     if steps_per_epoch == 0:
         raise DataError(
-            f"{len(train_records)} training images are fewer than --batch_size x --gradient_accumulation_steps "
-            f"= {args.batch_size * args.gradient_accumulation_steps}; lower them or add images"
+            f"{len(train_records)} training images are fewer than --batch_size x processes x "
+            f"--gradient_accumulation_steps = {samples_per_step}; lower them or add images"
         )
     max_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
     read_validation_prompts(args.validation_prompts)
     resume = load_checkpoint(args.resume) if args.resume else None
     model_folder = resolve_model(args.pretrained_model)
-    device = torch.device(
-        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
     precision = resolve_precision(args.precision, device, full_finetune=not args.use_lora)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -96,8 +100,10 @@ def main(args: argparse.Namespace) -> Path:
         "base_model": str(model_folder),
         "resolved_precision": precision.name,
         "device": str(device),
+        "processes": world,
     }
-    atomic_write_json(config, output_dir / "config.json")
+    if main_process:
+        atomic_write_json(config, output_dir / "config.json")
 
     # -- models ----------------------------------------------------------------------------------
     torch.manual_seed(args.seed)
@@ -124,10 +130,14 @@ def main(args: argparse.Namespace) -> Path:
         if args.use_ema
         else None
     )
-    generator = torch.Generator(device).manual_seed(args.seed)
+    # Data parallel: DDP averages the gradients of the processes (NCCL on GPUs, gloo on the CPU).
+    model = (
+        DistributedDataParallel(unet, device_ids=[device] if device.type == "cuda" else None)
+        if world > 1
+        else unet
+    )
     tr = Trainer(
         unet=unet,
-        text_encoder=parts.text_encoder,
         vae=parts.vae,
         schedule=parts.schedule,
         precision=precision,
@@ -135,8 +145,12 @@ def main(args: argparse.Namespace) -> Path:
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         scaler=precision.grad_scaler(),
-        generator=generator,
         device=device,
+        encode_images=parts.vae.moments,
+        encode_text=parts.text_encoder.encode,
+        seed=args.seed,
+        model=model,
+        no_sync=model.no_sync if world > 1 else contextlib.nullcontext,
         grad_accum=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm,
         loss_weight=min_snr_weight(parts.schedule, args.snr_gamma),
@@ -157,12 +171,15 @@ def main(args: argparse.Namespace) -> Path:
     )
     val_data = TrainingData(val_records, args.image_size, center_crop=True, seed=args.seed)
     val_batches = [
-        collate([val_data[i] for i in range(s, min(s + args.batch_size, len(val_data)))])
+        collate([val_data[(i, i)] for i in range(s, min(s + args.batch_size, len(val_data)))])
         for s in range(0, len(val_data), args.batch_size)
     ]
 
     # -- the loop --------------------------------------------------------------------------------
-    metrics = MetricsLog(output_dir / "metrics.jsonl", args.wandb_project, config)
+    # Only the first process writes: metrics, W&B, checkpoints, validation images.
+    metrics = MetricsLog(
+        output_dir / "metrics.jsonl" if main_process else None, args.wandb_project, config
+    )
     validation_prompts = read_validation_prompts(args.validation_prompts)
 
     def validation_images(step: int) -> None:
@@ -215,7 +232,7 @@ def main(args: argparse.Namespace) -> Path:
             "lr_scheduler": lr_scheduler.state_dict(),
             "scaler": tr.scaler.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
-            "rng": rng_state(generator),
+            "rng": rng_state(),
             "config": config,
             "base_model": str(model_folder),
             "timestamp": ts,
@@ -249,13 +266,18 @@ def main(args: argparse.Namespace) -> Path:
         stop["signal"] = signum
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = tqdm(total=max_steps, initial=state.step, desc="train", dynamic_ncols=True)
+    bar = tqdm(
+        total=max_steps,
+        initial=state.step,
+        desc="train",
+        dynamic_ncols=True,
+        disable=not main_process,
+    )
     last: dict = {"time": time.perf_counter(), "path": None, "saved_step": -1}
-    images_per_step = args.batch_size * args.gradient_accumulation_steps
 
     def on_step(st: TrainState, loss: float, grad_norm: float) -> None:
         now = time.perf_counter()
-        ips = images_per_step / (now - last["time"])
+        ips = samples_per_step / (now - last["time"])
         last["time"] = now
         lr = lr_scheduler.get_last_lr()[0]
         record = {
@@ -266,7 +288,7 @@ def main(args: argparse.Namespace) -> Path:
             "grad_norm": grad_norm,
             "images_per_s": ips,
         }
-        if args.validation_steps and st.step % args.validation_steps == 0:
+        if main_process and args.validation_steps and st.step % args.validation_steps == 0:
             if val_batches:
                 record["val_loss"] = validate(tr, val_batches, seed=args.seed)
             if validation_prompts:
@@ -274,30 +296,27 @@ def main(args: argparse.Namespace) -> Path:
         metrics.log(record)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.2f}")
         bar.update(1)
-        if args.save_interval and st.step % args.save_interval == 0:
+        if main_process and args.save_interval and st.step % args.save_interval == 0:
             last["path"], last["saved_step"] = checkpoint_event("step"), st.step
-        if stop["signal"] is not None:
-            last["path"] = save("step")
+        if stop_requested(
+            stop["signal"] is not None, world
+        ):  # every process stops at the same step
+            last["path"] = save("step") if main_process else None
             raise KeyboardInterrupt
 
     try:
         while state.step < max_steps:
-            train_epoch(
-                tr,
-                state,
-                batches(data, args.batch_size, state.epoch, state.position, args.num_workers),
-                max_steps,
-                on_step,
+            epoch = batches(
+                data, args.batch_size, state.epoch, state.position, rank, world, args.num_workers
             )
-            if (
-                state.step >= max_steps
-                and state.position < steps_per_epoch * args.gradient_accumulation_steps
-            ):
+            train_epoch(tr, state, epoch, samples_per_step, max_steps, on_step)
+            if len(train_records) - state.position >= samples_per_step:
                 break  # stopped mid-epoch by --max_train_steps
             state.epoch += 1
             state.position = 0
-            last["path"], last["saved_step"] = checkpoint_event("epoch"), state.step
-        if last["saved_step"] != state.step:  # the final state, unless an epoch end just saved it
+            if main_process:
+                last["path"], last["saved_step"] = checkpoint_event("epoch"), state.step
+        if main_process and last["saved_step"] != state.step:  # the final state, unless just saved
             last["path"] = checkpoint_event("step")
     except KeyboardInterrupt:
         print(
@@ -308,7 +327,37 @@ def main(args: argparse.Namespace) -> Path:
         metrics.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    return Path(last["path"])
+        if world > 1:
+            dist.destroy_process_group()
+    return Path(last["path"]) if last["path"] else output_dir
+
+
+def init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL
+    with one GPU per process, gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
+    if world == 1:
+        return (
+            0,
+            1,
+            torch.device(device_arg if device_arg != "auto" else ("cuda" if cuda else "cpu")),
+        )
+    local_rank = int(os.environ["LOCAL_RANK"])
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), world, device
+
+
+def stop_requested(local: bool, world: int) -> bool:
+    """Whether any process was asked to stop (a signal reaches each process at its own moment)."""
+    if world == 1:
+        return local
+    flag = torch.tensor([float(local)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def read_validation_prompts(path: str | None) -> list[str]:
@@ -348,7 +397,7 @@ def restore(ckpt: dict, tr: Trainer, ema: EMA | None, state: TrainState, folder:
     tr.scaler.load_state_dict(ckpt["scaler"])
     if ema is not None and ckpt["ema"] is not None:
         ema.load_state_dict(ckpt["ema"])
-    set_rng_state(ckpt["rng"], tr.generator)
+    set_rng_state(ckpt["rng"])
     state.step, state.epoch, state.position = ckpt["step"], ckpt["epoch"], ckpt["position"]
     state.smoothed_loss, state.best_loss = ckpt["smoothed_loss"], ckpt["best_loss"]
 

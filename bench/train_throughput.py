@@ -88,7 +88,6 @@ def main(args: argparse.Namespace) -> None:
     opt = torch.optim.AdamW(params, lr=1e-4)
     tr = Trainer(
         unet=unet,
-        text_encoder=parts.text_encoder,
         vae=parts.vae,
         schedule=parts.schedule,
         precision=precision,
@@ -96,9 +95,11 @@ def main(args: argparse.Namespace) -> None:
         optimizer=opt,
         lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
         scaler=precision.grad_scaler(),
-        generator=torch.Generator(device).manual_seed(0),
         device=device,
+        encode_images=parts.vae.moments,
+        encode_text=parts.text_encoder.encode,
     )
+    g = torch.Generator(device).manual_seed(0)
     data = TrainingData(scan(args.data_dir), args.image_size, random_flip=True)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = defaultdict(list)
@@ -118,17 +119,16 @@ def main(args: argparse.Namespace) -> None:
                 torch.cuda.reset_peak_memory_stats()
         with timed("data"):
             idx = [(step * args.batch_size + i) % len(data) for i in range(args.batch_size)]
-            pixels, time_ids, captions = collate([data[i] for i in idx])
+            pixels, time_ids, captions, _ = collate([data[(i, i)] for i in idx])
         with timed("vae encode"):
-            latents = tr.vae.encode(pixels.to(device), tr.generator)
+            latents = tr.vae.encode(pixels.to(device), g)
         with timed("text encode"):
-            context, pooled = tr.text_encoder.encode(captions)
+            context, pooled = tr.encode_text(captions)
         with timed("unet fwd+bwd"):
-            noise = torch.randn(latents.shape, generator=tr.generator, device=device)
-            t = torch.randint(0, 1000, (latents.shape[0],), generator=tr.generator, device=device)
-            loss = diffusion_loss(
-                tr, latents, context, pooled, time_ids.to(device), t, noise
-            ).mean()
+            noise = torch.randn(latents.shape, generator=g, device=device)
+            t = torch.randint(0, 1000, (latents.shape[0],), generator=g, device=device)
+            loss = diffusion_loss(tr, unet, latents, context, pooled, time_ids.to(device), t, noise)
+            loss = loss.mean()
             loss.backward()
         with timed("optimizer"):
             opt.step()

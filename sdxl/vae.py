@@ -14,6 +14,8 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
+from sdxl.diffusion import Generators, randn
+
 
 class SDXLVAE(nn.Module):
     """encode: images in [-1, 1] (B, 3, H, W) -> latents (B, 4, H/8, W/8); decode: the inverse."""
@@ -41,12 +43,22 @@ class SDXLVAE(nn.Module):
         return cls(vae.to(device))
 
     @torch.no_grad()
-    def encode(
-        self, images: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """A sample of the posterior q(z | x) (training draws one, as SDXL was trained), scaled."""
+    def moments(self, images: torch.Tensor) -> torch.Tensor:
+        """The posterior q(z | x) as (B, 2 * 4, H/8, W/8): mean, then log-variance (clamped)."""
         images = images.to(device=self.vae.device, dtype=self.vae.dtype)
-        return self.vae.encode(images).latent_dist.sample(generator) * self.scaling_factor
+        dist = self.vae.encode(images).latent_dist
+        return torch.cat([dist.mean, dist.logvar], dim=1)
+
+    def sample(self, moments: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+        """A sample of the posterior given its moments (training draws one, as SDXL was trained),
+        times the scaling factor."""
+        mean, logvar = moments.chunk(2, dim=1)
+        eps = randn(mean.shape, generator, mean.device, mean.dtype)
+        return (mean + torch.exp(0.5 * logvar) * eps) * self.scaling_factor
+
+    def encode(self, images: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+        """Images in [-1, 1] -> a scaled posterior sample."""
+        return self.sample(self.moments(images), generator)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

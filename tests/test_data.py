@@ -41,8 +41,8 @@ def test_folder_and_webdataset_give_the_same_samples(tmp_path):
     a = TrainingData(folder_records, 32, random_flip=True, seed=3)
     b = TrainingData(tar_records, 32, random_flip=True, seed=3)
     for i in range(len(a)):
-        pa, ida, ca = a[i]
-        pb, idb, cb = b[i]
+        pa, ida, ca, _ = a[(i, i)]
+        pb, idb, cb, _ = b[(i, i)]
         assert torch.equal(pa, pb) and torch.equal(ida, idb) and ca == cb
 
 

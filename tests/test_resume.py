@@ -74,7 +74,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 def test_resume_mid_epoch_equals_straight_run(tiny_model, tmp_path, straight):
     out, final = straight
     step3 = next(out.glob("lora_step000003_2*.pt"))
-    assert load_checkpoint(step3)["position"] == 3  # mid-epoch
+    assert load_checkpoint(step3)["position"] == 6  # samples: mid-epoch (8 a epoch)
     resumed = train_sdxl.main(
         args_for(tiny_model, tmp_path, "--max_train_steps", "6", "--resume", str(step3))
     )
@@ -96,7 +96,7 @@ def test_signal_saves_and_resume_finishes(tiny_model, tmp_path, straight, monkey
     monkeypatch.setattr(training.train_loop, "train_step", step_then_sigterm)
     stopped = train_sdxl.main(args_for(tiny_model, tmp_path, "--max_train_steps", "6"))
     ckpt = load_checkpoint(stopped)
-    assert ckpt["step"] == 5 and ckpt["epoch"] == 1 and ckpt["position"] == 1
+    assert ckpt["step"] == 5 and ckpt["epoch"] == 1 and ckpt["position"] == 2
     monkeypatch.setattr(training.train_loop, "train_step", real_step)
     resumed = train_sdxl.main(
         args_for(tiny_model, tmp_path, "--max_train_steps", "6", "--resume", str(stopped))

@@ -39,13 +39,12 @@ def test_overfit_one_batch_and_only_adapters_change(tiny_model):
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
     data = TrainingData(scan(EXAMPLES)[:2], 32, center_crop=True)
-    batch = collate([data[0], data[1]])
+    batch = collate([data[(0, 0)], data[(1, 1)]])
     fixed_t, fixed_noise = torch.tensor([300, 700]), torch.randn(
         2, 4, 4, 4, generator=torch.Generator().manual_seed(1)
     )
     tr = Trainer(
         unet=unet,
-        text_encoder=parts.text_encoder,
         vae=parts.vae,
         schedule=parts.schedule,
         precision=resolve_precision("fp32", torch.device("cpu"), full_finetune=False),
@@ -53,10 +52,11 @@ def test_overfit_one_batch_and_only_adapters_change(tiny_model):
         optimizer=opt,
         lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
         scaler=torch.amp.GradScaler("cpu", enabled=False),
-        generator=torch.Generator().manual_seed(0),
         device=torch.device("cpu"),
+        encode_images=parts.vae.moments,
+        encode_text=parts.text_encoder.encode,
         make_noise=lambda x, g: fixed_noise,
-        sample_timesteps=lambda n, g: fixed_t,
+        sample_timesteps=lambda g: fixed_t,
     )
     losses = [train_step(tr, [batch])[0] for _ in range(40)]
     # Stated factor: the loss at fixed noise and timesteps falls at least 3x in 40 steps

@@ -4,9 +4,10 @@ Each example becomes a square `image_size` crop in [-1, 1] plus SDXL's micro-con
 the real numbers: the source image's size, the crop's top-left corner in the resized image (mirrored
 when the crop is flipped, so it describes what the model actually sees), and the training size.
 
-Randomness (crop position, flip, caption dropout) is drawn from a generator seeded by (seed, epoch,
-example index), so an epoch is the same whether it runs straight through, resumes mid-way, or is
-split over several processes.
+Randomness (crop position, flip, caption dropout, and in training the noise and timestep) is drawn
+from a generator seeded by (seed, sample id), the sample id being the sample's place in the run (epoch
+and position in the epoch's shuffled order). So a run is the same whether it goes straight through,
+resumes mid-way, or is split over several processes.
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ def prepare(
 
 
 class TrainingData(torch.utils.data.Dataset):
-    """Map-style view of the records for one epoch: index i -> (pixels, time_ids, caption)."""
+    """Map-style view of the records. Item (i, sample_id) -> (pixels, time_ids, caption, sample_id);
+    the sample id (epoch * N + position in the epoch's order) seeds every random choice for it."""
 
     def __init__(
         self,
@@ -171,13 +173,14 @@ class TrainingData(torch.utils.data.Dataset):
             random_flip,
             caption_dropout,
         )
-        self.seed, self.epoch = seed, 0
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, str, int]:
+        i, sample_id = item
+        g = torch.Generator().manual_seed(sample_seed(self.seed, sample_id))
         record = self.records[i]
         pixels, time_ids = prepare(
             load_image(record), self.size, self.center_crop, self.random_flip, g
@@ -185,7 +188,12 @@ class TrainingData(torch.utils.data.Dataset):
         # Caption dropout: the empty prompt, so the model also learns the unconditional branch of
         # classifier-free guidance.
         caption = "" if torch.rand(1, generator=g).item() < self.caption_dropout else record.caption
-        return pixels, time_ids, caption
+        return pixels, time_ids, caption, sample_id
+
+
+def sample_seed(seed: int, sample_id: int) -> int:
+    """A seed for one sample's random choices (crop, flip, dropout, noise, timestep)."""
+    return (seed * 2_654_435_761 + sample_id * 40_503 + 1) % 2**63
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -194,14 +202,24 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def batches(
-    data: TrainingData, batch_size: int, epoch: int, start: int = 0, workers: int = 0
+    data: TrainingData,
+    batch_size: int,
+    epoch: int,
+    start: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    workers: int = 0,
 ) -> Iterator:
-    """Batches of one epoch, skipping the first `start` batches (a resumed epoch). The last
-    incomplete batch is dropped so every step sees `batch_size` images."""
-    data.epoch = epoch
+    """This process's batches of one epoch, from sample `start` of the epoch's order (a resumed
+    epoch). Each global batch is `batch_size * world` consecutive samples of the order and process
+    `rank` takes its slice, so the data seen per step does not depend on how many processes share
+    it. Samples that do not fill a last global batch are dropped."""
     order = epoch_order(len(data), data.seed, epoch)
-    n_batches = len(order) // batch_size
-    sampler = [order[b * batch_size : (b + 1) * batch_size] for b in range(start, n_batches)]
+    global_batch = batch_size * world
+    sampler = []
+    for b in range(start, len(order) - global_batch + 1, global_batch):
+        mine = range(b + rank * batch_size, b + (rank + 1) * batch_size)
+        sampler.append([(order[p], epoch * len(order) + p) for p in mine])
     loader = torch.utils.data.DataLoader(
         data, batch_sampler=sampler, num_workers=workers, collate_fn=collate
     )
@@ -209,7 +227,7 @@ def batches(
 
 
 def collate(
-    items: list[tuple[torch.Tensor, torch.Tensor, str]],
-) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    pixels, time_ids, captions = zip(*items)
-    return torch.stack(pixels), torch.stack(time_ids), list(captions)
+    items: list[tuple[torch.Tensor, torch.Tensor, str, int]],
+) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
+    pixels, time_ids, captions, ids = zip(*items)
+    return torch.stack(pixels), torch.stack(time_ids), list(captions), torch.tensor(ids)

@@ -1,25 +1,29 @@
 """The training loop: one optimizer step (`train_step`), one epoch (`train_epoch`), and a validation
 loss at fixed timesteps and noise (`validate`).
 
-Everything that depends on options (precision, loss weighting, noise offset, EMA, accumulation) is
-resolved into a `Trainer` before the loop starts, so the step itself has no option branches.
+Everything that depends on options (precision, loss weighting, noise offset, EMA, cached encoders,
+data parallelism, accumulation) is resolved into a `Trainer` before the loop starts, so the step
+itself has no option branches.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from sdxl.diffusion import NoiseSchedule
+from sdxl.diffusion import NoiseSchedule, randn
 from sdxl.errors import UserError
-from sdxl.text_encoders import SDXLTextEncoder
 from sdxl.vae import SDXLVAE
+from training.data_loader import sample_seed
 from training.precision_util import Precision
 
-Batch = tuple[torch.Tensor, torch.Tensor, list[str]]  # pixels (B,3,H,W), time ids (B,6), captions
+# pixels (B,3,H,W) or cached VAE moments (B,8,h,w), time ids (B,6), captions, sample ids (B,)
+Batch = tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]
+Generators = list[torch.Generator]
 
 
 class TrainingError(UserError):
@@ -30,9 +34,13 @@ class TrainingError(UserError):
 class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    position: int = 0  # batches of the current epoch already consumed
+    position: int = 0  # samples of the current epoch's order already consumed (by all processes)
     smoothed_loss: float | None = None
     best_loss: float = float("inf")
+
+
+def _uniform_noise(x: torch.Tensor, g: Generators) -> torch.Tensor:
+    return randn(x.shape, g, x.device, x.dtype)
 
 
 @dataclass
@@ -40,7 +48,6 @@ class Trainer:
     """The models and every resolved option the loop needs."""
 
     unet: torch.nn.Module
-    text_encoder: SDXLTextEncoder
     vae: SDXLVAE
     schedule: NoiseSchedule
     precision: Precision
@@ -48,26 +55,34 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    generator: torch.Generator
     device: torch.device
+    # images (or cached moments) -> VAE posterior moments (B, 8, h, w)
+    encode_images: Callable[[torch.Tensor], torch.Tensor]
+    # captions -> (context (B, 77, 2048), pooled (B, 1280))
+    encode_text: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
+    seed: int = 0
     grad_accum: int = 1
     max_grad_norm: float = 1.0
+    model: torch.nn.Module | None = None  # what the forward runs: the UNet, or its DDP wrapper
+    no_sync: Callable[[], contextlib.AbstractContextManager] = (
+        contextlib.nullcontext
+    )  # DDP: skip a sync
     loss_weight: Callable[[torch.Tensor], torch.Tensor] = field(
-        default=lambda t: torch.ones_like(t, dtype=torch.float32)
+        default=lambda t: torch.ones(t.shape)
     )
-    make_noise: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = field(
-        default=lambda x, g: torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
-    )
-    sample_timesteps: Callable[[int, torch.Generator], torch.Tensor] | None = (
+    make_noise: Callable[[torch.Tensor, Generators], torch.Tensor] = _uniform_noise
+    sample_timesteps: Callable[[Generators], torch.Tensor] | None = (
         None  # default: uniform over all T
     )
     after_step: Callable[[], None] = field(default=lambda: None)  # e.g. the EMA update
 
     def __post_init__(self) -> None:
+        if self.model is None:
+            self.model = self.unet
         if self.sample_timesteps is None:
             T, device = self.schedule.num_train_timesteps, self.device
-            self.sample_timesteps = lambda n, g: torch.randint(
-                0, T, (n,), generator=g, device=device
+            self.sample_timesteps = lambda gens: torch.cat(
+                [torch.randint(0, T, (1,), generator=g, device=device) for g in gens]
             )
 
 
@@ -92,18 +107,16 @@ def min_snr_weight(
     return weight
 
 
-def offset_noise(strength: float) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+def offset_noise(strength: float) -> Callable[[torch.Tensor, Generators], torch.Tensor]:
     """Gaussian noise plus `strength` times one extra Gaussian per sample and channel (constant over
     the image), which lets the model learn overall brightness shifts."""
-
-    def noise(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        eps = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
-        return eps + strength * torch.randn(
-            x.shape[0], x.shape[1], 1, 1, generator=g, device=x.device, dtype=x.dtype
-        )
-
     if strength == 0:
-        return lambda x, g: torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        return _uniform_noise
+
+    def noise(x: torch.Tensor, g: Generators) -> torch.Tensor:
+        offset = randn((x.shape[0], x.shape[1], 1, 1), g, x.device, x.dtype)
+        return randn(x.shape, g, x.device, x.dtype) + strength * offset
+
     return noise
 
 
@@ -112,18 +125,9 @@ def offset_noise(strength: float) -> Callable[[torch.Tensor, torch.Generator], t
 # ---------------------------------------------------------------------------------------------
 
 
-def encode_batch(
-    tr: Trainer, batch: Batch, g: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pixels -> latents (a sample of the VAE posterior, fp32) and captions -> (context, pooled)."""
-    pixels, time_ids, captions = batch
-    latents = tr.vae.encode(pixels.to(tr.device), g)
-    context, pooled = tr.text_encoder.encode(captions)
-    return latents, context, pooled, time_ids.to(tr.device)
-
-
 def diffusion_loss(
     tr: Trainer,
+    model: torch.nn.Module,
     latents: torch.Tensor,
     context: torch.Tensor,
     pooled: torch.Tensor,
@@ -135,7 +139,7 @@ def diffusion_loss(
     noisy = tr.schedule.add_noise(latents, noise, t)
     dt = tr.precision.compute_dtype
     with tr.precision.autocast():
-        pred = tr.unet(
+        pred = model(
             noisy.to(dt),
             t,
             context.to(dt),
@@ -143,31 +147,35 @@ def diffusion_loss(
         )
     target = tr.schedule.target(latents, noise, t)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return per_sample * tr.loss_weight(t)
+    return per_sample * tr.loss_weight(t).to(per_sample.device)
+
+
+def micro_batch_loss(tr: Trainer, batch: Batch) -> torch.Tensor:
+    """The mean loss of one micro-batch. Each sample's posterior sample, timestep and noise come
+    from its own generator (seeded by its sample id), so they do not depend on the batching."""
+    images, time_ids, captions, ids = batch
+    gens = [torch.Generator(tr.device).manual_seed(sample_seed(tr.seed, int(i))) for i in ids]
+    latents = tr.vae.sample(tr.encode_images(images.to(tr.device)), gens)
+    context, pooled = tr.encode_text(captions)
+    t = tr.sample_timesteps(gens)  # type: ignore[misc]
+    noise = tr.make_noise(latents, gens)
+    return diffusion_loss(tr, tr.model, latents, context, pooled, time_ids.to(tr.device), t, noise).mean()  # type: ignore[arg-type]
 
 
 def train_step(tr: Trainer, micro_batches: list[Batch]) -> tuple[float, float]:
     """One optimizer step over `grad_accum` micro-batches. Returns (loss, gradient norm)."""
     total = 0.0
-    for batch in micro_batches:
-        latents, context, pooled, time_ids = encode_batch(tr, batch, tr.generator)
-        noise = tr.make_noise(latents, tr.generator)
-        t = torch.randint(
-            0,
-            tr.schedule.num_train_timesteps,
-            (latents.shape[0],),
-            generator=tr.generator,
-            device=tr.device,
-        )
-        loss = diffusion_loss(tr, latents, context, pooled, time_ids, t, noise).mean() / len(
-            micro_batches
-        )
-        value = loss.item()
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"loss is {value}; stopping without saving (try a lower --learning_rate, or --precision bf16/fp32)"
-            )
-        tr.scaler.scale(loss).backward()
+    for i, batch in enumerate(micro_batches):
+        # With data parallelism, gradients are averaged across processes on the last micro-batch only.
+        sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else tr.no_sync()
+        with sync:
+            loss = micro_batch_loss(tr, batch) / len(micro_batches)
+            value = loss.item()
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss is {value}; stopping without saving (try a lower --learning_rate, or --precision bf16/fp32)"
+                )
+            tr.scaler.scale(loss).backward()
         total += value
     tr.scaler.unscale_(tr.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tr.max_grad_norm)
@@ -183,11 +191,13 @@ def train_epoch(
     tr: Trainer,
     state: TrainState,
     batches: Iterator[Batch],
+    samples_per_step: int,
     max_steps: int,
     on_step: Callable[[TrainState, float, float], None],
 ) -> None:
-    """Run optimizer steps until the epoch's batches or `max_steps` run out. `on_step(state, loss,
-    grad_norm)` is called after every step (logging, checkpoints)."""
+    """Run optimizer steps until the epoch's batches or `max_steps` run out. `samples_per_step` is
+    the global batch (all processes, all micro-batches). `on_step(state, loss, grad_norm)` is called
+    after every step (logging, checkpoints)."""
     while state.step < max_steps:
         micro = [b for _, b in zip(range(tr.grad_accum), batches)]
         if (
@@ -196,7 +206,7 @@ def train_epoch(
             return
         loss, grad_norm = train_step(tr, micro)
         state.step += 1
-        state.position += len(micro)
+        state.position += samples_per_step
         state.smoothed_loss = (
             loss if state.smoothed_loss is None else 0.9 * state.smoothed_loss + 0.1 * loss
         )
@@ -211,16 +221,17 @@ def validate(
     seed: int = 0,
 ) -> float:
     """Mean loss over the batches at fixed timesteps and fixed noise (seeded), so that numbers are
-    comparable between steps and between runs."""
-    g = torch.Generator(tr.device).manual_seed(seed)
+    comparable between steps and between runs. Runs the plain UNet (no data-parallel sync)."""
+    g = [torch.Generator(tr.device).manual_seed(seed)]
     losses = []
-    for batch in batches:
-        # its own generator: validation must not consume the training RNG
-        latents, context, pooled, time_ids = encode_batch(tr, batch, g)
+    for images, time_ids, captions, _ in batches:
+        latents = tr.vae.sample(tr.encode_images(images.to(tr.device)), g * images.shape[0])
+        context, pooled = tr.encode_text(captions)
         for step in timesteps:
             t = torch.full((latents.shape[0],), step, device=tr.device, dtype=torch.long)
-            noise = torch.randn(latents.shape, generator=g, device=tr.device, dtype=latents.dtype)
-            losses.append(
-                diffusion_loss(tr, latents, context, pooled, time_ids, t, noise).mean().item()
+            noise = randn(latents.shape, g * latents.shape[0], tr.device, latents.dtype)
+            loss = diffusion_loss(
+                tr, tr.unet, latents, context, pooled, time_ids.to(tr.device), t, noise
             )
+            losses.append(loss.mean().item())
     return sum(losses) / max(1, len(losses))

@@ -76,16 +76,16 @@ def prune_step_checkpoints(output_dir: Path, keep_last: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+def rng_state() -> dict[str, Any]:
+    """The global generators' states (per-sample randomness is seeded from sample ids instead)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -120,21 +120,24 @@ def lr_lambda(kind: str, warmup: int, total: int):
 
 
 class MetricsLog:
-    """Always a local JSONL file (one object per optimizer step); W&B too when a project is given."""
+    """Always a local JSONL file (one object per optimizer step); W&B too when a project is given.
+    With no path (a data-parallel process other than the first) it writes nothing."""
 
-    def __init__(self, path: Path, wandb_project: str | None = None, config: dict | None = None):
-        self.path = path
-        self.file = open(path, "a")
+    def __init__(
+        self, path: Path | None, wandb_project: str | None = None, config: dict | None = None
+    ):
+        self.file = open(path, "a") if path is not None else None
         self.wandb = None
-        if wandb_project:
+        if wandb_project and path is not None:
             import wandb
 
             self.wandb = wandb.init(project=wandb_project, config=config, dir=str(path.parent))
 
     def log(self, record: dict[str, Any]) -> None:
         record = {"time": time.time(), **record}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
         if self.wandb is not None:
             self.wandb.log(
                 {k: v for k, v in record.items() if k != "step"}, step=record.get("step")
@@ -147,6 +150,7 @@ class MetricsLog:
             self.wandb.log({name: wandb.Image(str(path))}, step=step)
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
