@@ -120,7 +120,7 @@ def main(args: argparse.Namespace) -> Path:
     unet.to(memory_format=torch.channels_last)  # the layout fast convolution kernels want
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params, lr=args.learning_rate, weight_decay=args.adam_weight_decay
+        params, lr=args.learning_rate, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
     )
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(args.lr_scheduler, args.lr_warmup_steps, max_steps)
@@ -510,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="optimizer steps in total (overrides --num_epochs)",
     )
     g.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
     g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay")
     g.add_argument(
         "--lr_scheduler",
