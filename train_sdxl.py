@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,9 +37,18 @@ from tqdm import tqdm
 from sampling.inference import Pipeline, generate_unique_batch
 from sdxl.errors import UserError
 from sdxl.lora import TARGET_MODES, apply_lora_to_unet, get_lora_state_dict, load_lora_state_dict
-from sdxl.pretrained import DEFAULT_MODEL, load_sdxl, resolve_model
+from sdxl.pretrained import DEFAULT_MODEL, cache_root, load_sdxl, resolve_model
 from sdxl.weights import read_safetensors
-from training.data_loader import DataError, TrainingData, batches, collate, scan
+from training.cache import CachedLatents, CachedText, folder_identity
+from training.data_loader import (
+    DataError,
+    TrainingData,
+    assign_buckets,
+    batches,
+    collate,
+    samples_per_epoch,
+    scan,
+)
 from training.ema import EMA
 from training.precision_util import resolve_precision
 from training.train_loop import (
@@ -82,7 +92,20 @@ def main(args: argparse.Namespace) -> Path:
     rank, world, device = init_distributed(args.device)
     main_process = rank == 0
     samples_per_step = args.batch_size * world * args.gradient_accumulation_steps
-    steps_per_epoch = len(train_records) // samples_per_step
+    buckets = assign_buckets(train_records, args.image_size) if args.bucket else None
+    data = TrainingData(
+        train_records,
+        args.image_size,
+        args.center_crop,
+        args.random_flip,
+        args.caption_dropout,
+        args.seed,
+        buckets,
+    )
+    epoch_samples = samples_per_epoch(data, args.batch_size * world)
+    steps_per_epoch = epoch_samples // samples_per_step
+    if buckets and main_process:
+        print_bucket_table(buckets)
     if steps_per_epoch == 0:
         raise DataError(
             f"{len(train_records)} training images are fewer than --batch_size x processes x "
@@ -95,6 +118,7 @@ def main(args: argparse.Namespace) -> Path:
     precision = resolve_precision(args.precision, device, full_finetune=not args.use_lora)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else cache_root() / "cache"
     config = {
         **vars(args),
         "base_model": str(model_folder),
@@ -161,15 +185,23 @@ def main(args: argparse.Namespace) -> Path:
     if resume is not None:
         restore(resume, tr, ema, state, Path(args.resume).parent)
 
-    data = TrainingData(
-        train_records,
-        args.image_size,
-        args.center_crop,
-        args.random_flip,
-        args.caption_dropout,
-        args.seed,
-    )
     val_data = TrainingData(val_records, args.image_size, center_crop=True, seed=args.seed)
+    if args.cache_latents:  # the first process writes the cache, the others then read it
+        with first_process_first(world, main_process):
+            vae_id = folder_identity(Path(args.vae or model_folder / "vae"))
+            data = CachedLatents(data, parts.vae, cache_dir, vae_id)
+            val_data = CachedLatents(val_data, parts.vae, cache_dir, vae_id)
+        tr.encode_images = lambda moments: moments  # the batches carry the posterior moments
+    if args.cache_text_embeddings:
+        with first_process_first(world, main_process):
+            text_id = folder_identity(model_folder / "text_encoder") + folder_identity(
+                model_folder / "text_encoder_2"
+            )
+            captions = [r.caption for r in train_records + val_records]
+            tr.encode_text = CachedText(captions, parts.text_encoder, cache_dir, text_id, device)
+    if args.cache_latents and args.cache_text_embeddings and not args.validation_prompts:
+        parts.vae.to("cpu")  # not needed on the device any more
+        parts.text_encoder.to("cpu")
     val_batches = [
         collate([val_data[(i, i)] for i in range(s, min(s + args.batch_size, len(val_data)))])
         for s in range(0, len(val_data), args.batch_size)
@@ -310,7 +342,7 @@ def main(args: argparse.Namespace) -> Path:
                 data, args.batch_size, state.epoch, state.position, rank, world, args.num_workers
             )
             train_epoch(tr, state, epoch, samples_per_step, max_steps, on_step)
-            if len(train_records) - state.position >= samples_per_step:
+            if epoch_samples - state.position >= samples_per_step:
                 break  # stopped mid-epoch by --max_train_steps
             state.epoch += 1
             state.position = 0
@@ -358,6 +390,25 @@ def stop_requested(local: bool, world: int) -> bool:
     flag = torch.tensor([float(local)])
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+@contextlib.contextmanager
+def first_process_first(world: int, main_process: bool) -> Iterator[None]:
+    """Run the block on the first process, then on the others (e.g. filling a shared cache)."""
+    if world > 1 and not main_process:
+        dist.barrier()
+    yield
+    if world > 1 and main_process:
+        dist.barrier()
+
+
+def print_bucket_table(buckets: list[tuple[int, int]]) -> None:
+    counts: dict[tuple[int, int], int] = {}
+    for b in buckets:
+        counts[b] = counts.get(b, 0) + 1
+    print("aspect-ratio buckets (width x height: images):")
+    for (w, h), n in sorted(counts.items()):
+        print(f"  {w:5d} x {h:<5d} {n}")
 
 
 def read_validation_prompts(path: str | None) -> list[str]:
@@ -450,6 +501,27 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=20,
         help="sampling steps for validation images",
+    )
+    g.add_argument(
+        "--bucket",
+        action="store_true",
+        help="aspect-ratio buckets of about image_size^2 pixels (sides in multiples of 64) instead of square crops",
+    )
+    g.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="encode every image with the VAE once, before training (crops and flips then fixed per image)",
+    )
+    g.add_argument(
+        "--cache_text_embeddings",
+        action="store_true",
+        help="encode every caption once, before training",
+    )
+    g.add_argument(
+        "--cache_dir",
+        type=Path,
+        default=None,
+        help="where cached latents / embeddings go (default: ~/.cache/sdxl-lora/cache)",
     )
     g.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
     g = p.add_argument_group("model")

@@ -110,9 +110,13 @@ def load_sdxl(
 # ---------------------------------------------------------------------------------------------
 
 
+def cache_root() -> Path:
+    """Where the project caches things: $SDXL_LORA_CACHE, else ~/.cache/sdxl-lora."""
+    return Path(os.environ.get("SDXL_LORA_CACHE") or Path.home() / ".cache" / "sdxl-lora")
+
+
 def tiny_cache_dir() -> Path:
-    root = os.environ.get("SDXL_LORA_CACHE") or Path.home() / ".cache" / "sdxl-lora"
-    return Path(root) / f"tiny-sdxl-v{TINY_VERSION}"
+    return cache_root() / f"tiny-sdxl-v{TINY_VERSION}"
 
 
 def tiny_sdxl() -> Path:

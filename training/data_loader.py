@@ -130,28 +130,67 @@ def load_image(record: Record) -> Image.Image:
 
 
 def prepare(
-    image: Image.Image, size: int, center_crop: bool, random_flip: bool, g: torch.Generator
+    image: Image.Image,
+    size: int | tuple[int, int],
+    center_crop: bool,
+    random_flip: bool,
+    g: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize the shorter side to `size`, crop `size` x `size`, maybe flip. Returns the image
-    (3, size, size) in [-1, 1] and SDXL's time ids (orig_h, orig_w, crop_top, crop_left, size, size).
-    """
+    """Resize to cover the target (`size`, or (width, height) for a bucket), crop it, maybe flip.
+    Returns the image (3, height, width) in [-1, 1] and SDXL's time ids (orig_h, orig_w, crop_top,
+    crop_left, target_h, target_w)."""
+    tw, th = (size, size) if isinstance(size, int) else size
     orig_w, orig_h = image.size
-    scale = size / min(orig_w, orig_h)
-    w, h = max(size, round(orig_w * scale)), max(size, round(orig_h * scale))
+    scale = max(tw / orig_w, th / orig_h)
+    w, h = max(tw, round(orig_w * scale)), max(th, round(orig_h * scale))
     image = image.resize((w, h), Image.Resampling.BICUBIC)
     if center_crop:
-        top, left = (h - size) // 2, (w - size) // 2
+        top, left = (h - th) // 2, (w - tw) // 2
     else:
-        top = int(torch.randint(0, h - size + 1, (1,), generator=g))
-        left = int(torch.randint(0, w - size + 1, (1,), generator=g))
-    image = image.crop((left, top, left + size, top + size))
+        top = int(torch.randint(0, h - th + 1, (1,), generator=g))
+        left = int(torch.randint(0, w - tw + 1, (1,), generator=g))
+    image = image.crop((left, top, left + tw, top + th))
     if random_flip and torch.rand(1, generator=g).item() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        left = w - left - size  # the crop, mirrored, as seen in the flipped resized image
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
-    pixels = pixels.permute(2, 0, 1).float() / 127.5 - 1.0  # (3, size, size) in [-1, 1]
-    time_ids = torch.tensor([orig_h, orig_w, top, left, size, size], dtype=torch.float32)
+        left = w - left - tw  # the crop, mirrored, as seen in the flipped resized image
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(th, tw, 3)
+    pixels = pixels.permute(2, 0, 1).float() / 127.5 - 1.0  # (3, th, tw) in [-1, 1]
+    time_ids = torch.tensor([orig_h, orig_w, top, left, th, tw], dtype=torch.float32)
     return pixels, time_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Aspect-ratio buckets
+# ---------------------------------------------------------------------------------------------
+
+
+def bucket_sizes(image_size: int, max_ratio: float = 4.0) -> list[tuple[int, int]]:
+    """(width, height) pairs with sides in multiples of 64 and at most image_size^2 pixels: for each
+    width the largest height, and the same turned on its side; aspect ratios up to `max_ratio`."""
+    area, sizes = image_size * image_size, set()
+    for w in range(64, 4 * image_size + 1, 64):
+        h = area // w // 64 * 64
+        if h >= 64 and max(w / h, h / w) <= max_ratio:
+            sizes |= {(w, h), (h, w)}
+    return sorted(sizes)
+
+
+def assign_buckets(records: list[Record], image_size: int) -> list[tuple[int, int]]:
+    """Each record's bucket: the one whose aspect ratio is closest to the image's (in log space)."""
+    import math
+
+    sizes = bucket_sizes(image_size)
+    out = []
+    for record in records:
+        if record.offset >= 0:
+            with open(record.path, "rb") as f:
+                f.seek(record.offset)
+                w, h = Image.open(io.BytesIO(f.read(record.length))).size
+        else:
+            with Image.open(record.path) as im:
+                w, h = im.size
+        out.append(min(sizes, key=lambda s: abs(math.log(s[0] / s[1]) - math.log(w / h))))
+    return out
 
 
 class TrainingData(torch.utils.data.Dataset):
@@ -166,14 +205,13 @@ class TrainingData(torch.utils.data.Dataset):
         random_flip: bool = False,
         caption_dropout: float = 0.0,
         seed: int = 0,
+        buckets: list[tuple[int, int]] | None = None,
     ):
-        self.records, self.size = records, image_size
-        self.center_crop, self.random_flip, self.caption_dropout = (
-            center_crop,
-            random_flip,
-            caption_dropout,
-        )
-        self.seed = seed
+        self.records, self.size, self.seed = records, image_size, seed
+        self.center_crop, self.random_flip = center_crop, random_flip
+        self.caption_dropout = caption_dropout
+        # Each record's (width, height) target: its bucket, or the square training size.
+        self.targets = buckets or [(image_size, image_size)] * len(records)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -183,7 +221,7 @@ class TrainingData(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(sample_seed(self.seed, sample_id))
         record = self.records[i]
         pixels, time_ids = prepare(
-            load_image(record), self.size, self.center_crop, self.random_flip, g
+            load_image(record), self.targets[i], self.center_crop, self.random_flip, g
         )
         # Caption dropout: the empty prompt, so the model also learns the unconditional branch of
         # classifier-free guidance.
@@ -210,20 +248,47 @@ def batches(
     world: int = 1,
     workers: int = 0,
 ) -> Iterator:
-    """This process's batches of one epoch, from sample `start` of the epoch's order (a resumed
-    epoch). Each global batch is `batch_size * world` consecutive samples of the order and process
-    `rank` takes its slice, so the data seen per step does not depend on how many processes share
-    it. Samples that do not fill a last global batch are dropped."""
+    """This process's batches of one epoch, from sample `start` of the epoch (a resumed epoch).
+
+    The epoch's shuffled order is cut into global batches of `batch_size * world` samples, each from
+    one bucket (all samples share one size when there are no buckets), and the global batches are
+    shuffled; process `rank` takes its slice of each. So the data seen per step does not depend on
+    how many processes share it. Samples that do not fill a global batch of their bucket are dropped.
+    """
     order = epoch_order(len(data), data.seed, epoch)
     global_batch = batch_size * world
-    sampler = []
-    for b in range(start, len(order) - global_batch + 1, global_batch):
-        mine = range(b + rank * batch_size, b + (rank + 1) * batch_size)
-        sampler.append([(order[p], epoch * len(order) + p) for p in mine])
+    by_target: dict[tuple[int, int], list[int]] = {}
+    for p, i in enumerate(order):
+        by_target.setdefault(data.targets[i], []).append(p)
+    chunks = [
+        positions[b : b + global_batch]
+        for positions in by_target.values()
+        for b in range(0, len(positions) - global_batch + 1, global_batch)
+    ]
+    if len(by_target) > 1:  # interleave the buckets
+        perm = torch.randperm(
+            len(chunks), generator=torch.Generator().manual_seed(data.seed * 31 + epoch)
+        )
+        chunks = [chunks[k] for k in perm.tolist()]
+    sampler = [
+        [
+            (order[p], epoch * len(order) + p)
+            for p in chunk[rank * batch_size : (rank + 1) * batch_size]
+        ]
+        for chunk in chunks[start // global_batch :]
+    ]
     loader = torch.utils.data.DataLoader(
         data, batch_sampler=sampler, num_workers=workers, collate_fn=collate
     )
     return iter(loader)
+
+
+def samples_per_epoch(data: TrainingData, global_batch: int) -> int:
+    """How many samples an epoch uses (full global batches of each bucket)."""
+    counts: dict[tuple[int, int], int] = {}
+    for t in data.targets:
+        counts[t] = counts.get(t, 0) + 1
+    return sum(n // global_batch * global_batch for n in counts.values())
 
 
 def collate(
