@@ -4,6 +4,9 @@ The step is split into its parts (data loading and augmentation, VAE encode, tex
 forward + backward, optimizer) and each is timed separately, on the tiny SDXL, a mid-size random SDXL,
 or a real SDXL folder. On CUDA the peak `torch.cuda.max_memory_allocated` is printed too.
 
+Each run measures the step with the VAE and text encoders, then with cached latents and text
+embeddings (computed once, up front), and prints the images/s ratio.
+
     uv run python bench/train_throughput.py --model tiny --image_size 64
     uv run python bench/train_throughput.py --model mid --image_size 256 --steps 5
     uv run python bench/train_throughput.py --model ./weights/sdxl-base-1.0 --image_size 512 --rank 4
@@ -15,6 +18,7 @@ import argparse
 import contextlib
 import statistics
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -33,6 +37,7 @@ from sdxl.pretrained import (
     tiny_configs,
     write_random_sdxl,
 )
+from training.cache import CachedLatents, CachedText
 from training.data_loader import TrainingData, collate, scan
 from training.precision_util import resolve_precision
 from training.train_loop import Trainer, diffusion_loss
@@ -99,8 +104,22 @@ def main(args: argparse.Namespace) -> None:
         encode_images=parts.vae.moments,
         encode_text=parts.text_encoder.encode,
     )
-    g = torch.Generator(device).manual_seed(0)
     data = TrainingData(scan(args.data_dir), args.image_size, random_flip=True)
+    results = {"uncached": run(args, tr, unet, opt, data, device, precision)}
+    with tempfile.TemporaryDirectory() as cache:
+        cached = CachedLatents(data, parts.vae, Path(cache), "bench")
+        tr.encode_text = CachedText(
+            [r.caption for r in data.records], parts.text_encoder, Path(cache), "bench", device
+        )
+        tr.encode_images = lambda moments: moments
+        results["cached latents + text"] = run(args, tr, unet, opt, cached, device, precision)
+    ratio = results["uncached"] / results["cached latents + text"]
+    print(f"cached / uncached images/s: {ratio:.2f}x")
+
+
+def run(args, tr, unet, opt, data, device, precision) -> float:
+    """Time the parts of `args.steps` steps; print the breakdown; return the step time."""
+    g = torch.Generator(device).manual_seed(0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = defaultdict(list)
 
@@ -119,24 +138,24 @@ def main(args: argparse.Namespace) -> None:
                 torch.cuda.reset_peak_memory_stats()
         with timed("data"):
             idx = [(step * args.batch_size + i) % len(data) for i in range(args.batch_size)]
-            pixels, time_ids, captions, _ = collate([data[(i, i)] for i in idx])
-        with timed("vae encode"):
-            latents = tr.vae.encode(pixels.to(device), g)
+            images, time_ids, captions, _ = collate([data[(i, i)] for i in idx])
+        with timed("vae encode"):  # cached: only the posterior sample
+            latents = tr.vae.sample(tr.encode_images(images.to(device)), g)
         with timed("text encode"):
             context, pooled = tr.encode_text(captions)
         with timed("unet fwd+bwd"):
             noise = torch.randn(latents.shape, generator=g, device=device)
             t = torch.randint(0, 1000, (latents.shape[0],), generator=g, device=device)
             loss = diffusion_loss(tr, unet, latents, context, pooled, time_ids.to(device), t, noise)
-            loss = loss.mean()
-            loss.backward()
+            loss.mean().backward()
         with timed("optimizer"):
             opt.step()
             opt.zero_grad(set_to_none=True)
 
     total = sum(statistics.median(v) for v in times.values())
+    kind = "cached" if tr.encode_images is not tr.vae.moments else "uncached"
     print(
-        f"model {args.model}, {args.image_size}px, batch {args.batch_size}, rank {args.rank}, {precision.name}, {device}"
+        f"{kind}: model {args.model}, {args.image_size}px, batch {args.batch_size}, rank {args.rank}, {precision.name}, {device}"
     )
     for name, v in times.items():
         m = statistics.median(v)
@@ -144,6 +163,7 @@ def main(args: argparse.Namespace) -> None:
     print(f"  {'step':14s} {total * 1000:9.1f} ms  -> {args.batch_size / total:.2f} images/s")
     if device.type == "cuda":
         print(f"  peak memory allocated: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    return total
 
 
 if __name__ == "__main__":
