@@ -20,29 +20,10 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from sdxl.errors import UserError
-from sdxl.lora_formats import FORMATS, LoRAModules, save_lora_file
+from sdxl.lora_formats import FORMATS, save_lora_file
 from sdxl.weights import read_safetensors
 from training.precision_util import DTYPES
-from training.train_util import load_checkpoint
-
-
-def lora_modules_from_checkpoint(ckpt: dict, ema: bool) -> LoRAModules:
-    """(down, up, alpha) per module, from the live adapter weights or their EMA."""
-    weights = ckpt["lora"]
-    if ema:
-        if ckpt.get("ema") is None:
-            raise UserError("this checkpoint has no EMA weights (it was trained without --use_ema)")
-        weights = ckpt["ema"]["shadow"]
-    alpha = float(ckpt["lora_config"]["alpha"])
-    return {
-        key.removesuffix(".lora.down.weight"): (
-            down,
-            weights[key.replace(".lora.down.", ".lora.up.")],
-            alpha,
-        )
-        for key, down in weights.items()
-        if key.endswith(".lora.down.weight")
-    }
+from training.train_util import checkpoint_lora_modules, load_checkpoint
 
 
 def main(args: argparse.Namespace) -> Path:
@@ -70,7 +51,7 @@ def main(args: argparse.Namespace) -> Path:
         info.update(rank=lora["rank"], alpha=lora["alpha"], target_mode=lora["target_mode"])
         layers = ckpt["unet_config"]["layers_per_block"]  # kohya names count blocks per level
         save_lora_file(
-            output, lora_modules_from_checkpoint(ckpt, args.ema), args.format, info, dtype, layers
+            output, checkpoint_lora_modules(ckpt, args.ema), args.format, info, dtype, layers
         )
     print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {args.format}, {args.dtype})")
     return output

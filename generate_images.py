@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from sampling.inference import (
@@ -32,6 +31,7 @@ from sampling.inference import (
     generate_unique_batch,
     lora_base_model,
     read_lora_any,
+    to_pil,
 )
 from sdxl.diffusion import SAMPLERS
 from sdxl.errors import UserError
@@ -86,9 +86,8 @@ def check_lora_fits(lora: Path, model_folder: Path) -> None:
 
 
 def save_image(pixels: torch.Tensor, path: Path) -> None:
-    array = (pixels.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
     tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
+    to_pil(pixels).save(tmp, format="PNG")
     tmp.replace(path)  # the .png appears last: its presence means the image is finished
 
 

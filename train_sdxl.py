@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from sampling.inference import Pipeline, generate_unique_batch
+from sampling.inference import Pipeline, generate_unique_batch, to_pil
 from sdxl.errors import UserError
 from sdxl.lora import TARGET_MODES, apply_lora_to_unet, get_lora_state_dict, load_lora_state_dict
 from sdxl.pretrained import DEFAULT_MODEL, cache_root, load_sdxl, resolve_model
@@ -429,8 +429,7 @@ def image_grid(images: torch.Tensor) -> Image.Image:
     rows = (n + cols - 1) // cols
     grid = Image.new("RGB", (cols * w, rows * h))
     for i, img in enumerate(images):
-        array = (img.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
-        grid.paste(Image.fromarray(array), ((i % cols) * w, (i // cols) * h))
+        grid.paste(to_pil(img), ((i % cols) * w, (i // cols) * h))
     return grid
 
 

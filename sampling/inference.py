@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from sdxl.diffusion import SAMPLERS, EpsModel, NoiseSchedule
 from sdxl.lora import merge_lora
@@ -23,7 +24,7 @@ from sdxl.text_encoders import SDXLTextEncoder
 from sdxl.unet import UNet2DConditionModel
 from sdxl.vae import SDXLVAE
 from sdxl.weights import WeightsError, read_safetensors
-from training.train_util import load_checkpoint
+from training.train_util import checkpoint_lora_modules, load_checkpoint
 
 
 @dataclass
@@ -96,6 +97,11 @@ def generate_unique_batch(
     return (images / 2 + 0.5).clamp(0, 1)
 
 
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] -> an 8-bit RGB image."""
+    return Image.fromarray((image.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy())
+
+
 def generate(pipe: Pipeline, prompt: str, num_images: int, seed: int, **kwargs) -> torch.Tensor:
     """Several images of one prompt, from seeds seed, seed + 1, ..."""
     return generate_unique_batch(
@@ -131,16 +137,7 @@ def read_lora_any(
     ckpt = load_checkpoint(path)
     if ckpt["lora"] is None:
         return read_safetensors(path.parent / ckpt["unet_file"])
-    alpha = ckpt["lora_config"]["alpha"]
-    return {
-        key.removesuffix(".lora.down.weight"): (
-            down,
-            ckpt["lora"][key.replace(".lora.down.", ".lora.up.")],
-            alpha,
-        )
-        for key, down in ckpt["lora"].items()
-        if key.endswith(".lora.down.weight")
-    }
+    return checkpoint_lora_modules(ckpt)
 
 
 def apply_lora_file(

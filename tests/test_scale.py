@@ -54,9 +54,7 @@ def test_cached_run_has_the_same_losses(tiny_model, tmp_path):
         assert abs(a - b) <= 1e-6 * abs(a), (plain, cached)
     latents = sorted((cache / "latents").iterdir())
     texts = sorted((cache / "text").iterdir())
-    assert (
-        len(latents) == 8 and len(texts) == 9
-    )  # 8 captions + the empty prompt (caption dropout)
+    assert len(latents) == 8 and len(texts) == 9  # 8 captions + the empty prompt (caption dropout)
     # A second run reuses every entry.
     stamps = {p: p.stat().st_mtime_ns for p in latents + texts}
     run(

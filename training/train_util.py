@@ -52,6 +52,30 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def checkpoint_lora_modules(
+    ckpt: dict, ema: bool = False
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """A LoRA checkpoint's adapters as (down, up, alpha) per module path, from the live weights or
+    (ema=True) their moving averages."""
+    weights = ckpt["lora"]
+    if ema:
+        if ckpt.get("ema") is None:
+            raise CheckpointError(
+                "this checkpoint has no EMA weights (it was trained without --use_ema)"
+            )
+        weights = ckpt["ema"]["shadow"]
+    alpha = float(ckpt["lora_config"]["alpha"])
+    return {
+        key.removesuffix(".lora.down.weight"): (
+            down,
+            weights[key.replace(".lora.down.", ".lora.up.")],
+            alpha,
+        )
+        for key, down in weights.items()
+        if key.endswith(".lora.down.weight")
+    }
+
+
 def timestamp() -> str:
     return datetime.now().strftime("%Y%m%d_%H%M%S")
 
