@@ -1,0 +1,131 @@
+"""Generation throughput and peak memory: ours against diffusers' StableDiffusionXLPipeline.
+
+Same model folder (tiny, the mid-size random SDXL, or real weights), sampler (Euler), steps, guidance,
+size and batch. Each side runs in its own process, alternating A B A B; prints images/s, peak memory
+(VmHWM on the CPU, max_memory_allocated on CUDA) and the ratios ours / reference.
+
+    uv run python bench/generate.py --model tiny --image_size 64 --steps 10 --batch_size 4
+    uv run python bench/generate.py --model mid --image_size 256 --steps 10 --batch_size 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.train_throughput import mid_sdxl  # noqa: E402
+from bench.unet_step import proc_status  # noqa: E402
+from sdxl.pretrained import resolve_model  # noqa: E402
+
+
+def child(args: argparse.Namespace) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    folder = mid_sdxl() if args.model == "mid" else resolve_model(args.model)
+    prompts = [f"a photo of object number {i}" for i in range(args.batch_size)]
+    seeds = list(range(args.batch_size))
+    if args.side == "ours":
+        from sampling.inference import Pipeline, generate_unique_batch
+        from sdxl.pretrained import load_sdxl
+
+        parts = load_sdxl(folder, dtype, device)
+        parts.unet.to(memory_format=torch.channels_last)
+        pipe = Pipeline(parts.unet, parts.text_encoder, parts.vae, parts.schedule, device, dtype)
+
+        def run() -> None:
+            generate_unique_batch(
+                pipe, prompts, seeds, args.image_size, args.image_size, args.steps, 5.0
+            )
+
+    else:
+        from diffusers import StableDiffusionXLPipeline
+
+        ref = StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype).to(device)
+        ref.set_progress_bar_config(disable=True)
+
+        def run() -> None:
+            gens = [torch.Generator(device).manual_seed(s) for s in seeds]
+            ref(
+                prompts,
+                height=args.image_size,
+                width=args.image_size,
+                num_inference_steps=args.steps,
+                guidance_scale=5.0,
+                generator=gens,
+                output_type="pt",
+            )
+
+    run()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else proc_status("VmHWM")
+    print(json.dumps({"times": times, "peak": peak}))
+
+
+def main(args: argparse.Namespace) -> None:
+    results: dict[str, list[dict]] = {"ours": [], "ref": []}
+    for _ in range(args.rounds):
+        for side in ("ours", "ref"):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--side",
+                side,
+                "--model",
+                args.model,
+                "--image_size",
+                str(args.image_size),
+                "--steps",
+                str(args.steps),
+                "--batch_size",
+                str(args.batch_size),
+                "--repeats",
+                str(args.repeats),
+            ]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results[side].append(json.loads(out.strip().splitlines()[-1]))
+    summary = {}
+    for side, runs in results.items():
+        step = statistics.median(t for r in runs for t in r["times"])
+        summary[side] = (args.batch_size / step, max(r["peak"] for r in runs))
+    print(
+        f"model {args.model}, {args.image_size}px, Euler {args.steps} steps, guidance 5, batch {args.batch_size}"
+    )
+    print(f"{'':22s}{'images/s':>10s}{'peak GiB':>10s}")
+    for name, side in (("ours", "ours"), ("diffusers pipeline", "ref")):
+        print(f"{name:22s}{summary[side][0]:10.3f}{summary[side][1] / 2**30:10.2f}")
+    print(
+        f"{'ratio ours/ref':22s}{summary['ours'][0] / summary['ref'][0]:10.3f}{summary['ours'][1] / summary['ref'][1]:10.3f}"
+    )
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default="tiny", help="tiny, mid, or an SDXL folder")
+    p.add_argument("--image_size", type=int, default=64, help="square image size")
+    p.add_argument("--steps", type=int, default=10, help="sampling steps")
+    p.add_argument("--batch_size", type=int, default=4, help="images per batch")
+    p.add_argument("--repeats", type=int, default=3, help="timed batches per process")
+    p.add_argument("--rounds", type=int, default=2, help="A B rounds")
+    p.add_argument("--side", choices=["ours", "ref"], help=argparse.SUPPRESS)
+    a = p.parse_args()
+    child(a) if a.side else main(a)
