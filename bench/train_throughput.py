@@ -105,19 +105,21 @@ def main(args: argparse.Namespace) -> None:
         encode_text=parts.text_encoder.encode,
     )
     data = TrainingData(scan(args.data_dir), args.image_size, random_flip=True)
-    results = {"uncached": run(args, tr, unet, opt, data, device, precision)}
+    results = {"uncached": run("uncached", args, tr, unet, opt, data, device, precision)}
     with tempfile.TemporaryDirectory() as cache:
         cached = CachedLatents(data, parts.vae, Path(cache), "bench")
         tr.encode_text = CachedText(
             [r.caption for r in data.records], parts.text_encoder, Path(cache), "bench", device
         )
         tr.encode_images = lambda moments: moments
-        results["cached latents + text"] = run(args, tr, unet, opt, cached, device, precision)
+        results["cached latents + text"] = run(
+            "cached", args, tr, unet, opt, cached, device, precision
+        )
     ratio = results["uncached"] / results["cached latents + text"]
     print(f"cached / uncached images/s: {ratio:.2f}x")
 
 
-def run(args, tr, unet, opt, data, device, precision) -> float:
+def run(kind: str, args, tr, unet, opt, data, device, precision) -> float:
     """Time the parts of `args.steps` steps; print the breakdown; return the step time."""
     g = torch.Generator(device).manual_seed(0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -153,7 +155,6 @@ def run(args, tr, unet, opt, data, device, precision) -> float:
             opt.zero_grad(set_to_none=True)
 
     total = sum(statistics.median(v) for v in times.values())
-    kind = "cached" if tr.encode_images is not tr.vae.moments else "uncached"
     print(
         f"{kind}: model {args.model}, {args.image_size}px, batch {args.batch_size}, rank {args.rank}, {precision.name}, {device}"
     )
