@@ -14,12 +14,11 @@ The default output is next to the checkpoint: <checkpoint name>_<format>[_ema].s
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from sdxl.errors import UserError
+from sdxl.errors import UserError, run_cli
 from sdxl.lora_formats import FORMATS, save_lora_file
 from sdxl.weights import read_safetensors
 from training.precision_util import DTYPES
@@ -79,8 +78,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, build_parser())

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from sampling.inference import (
     to_pil,
 )
 from sdxl.diffusion import SAMPLERS
-from sdxl.errors import UserError
+from sdxl.errors import UserError, run_cli
 from sdxl.lora_formats import attach_lora
 from sdxl.pretrained import DEFAULT_MODEL, load_sdxl, resolve_model
 from sdxl.unet import UNet2DConditionModel, config_from_diffusers
@@ -244,8 +243,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, build_parser())

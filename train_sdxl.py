@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from sampling.inference import Pipeline, generate_unique_batch, to_pil
-from sdxl.errors import UserError
+from sdxl.errors import run_cli
 from sdxl.lora import TARGET_MODES, apply_lora_to_unet, get_lora_state_dict, load_lora_state_dict
 from sdxl.pretrained import DEFAULT_MODEL, cache_root, load_sdxl, resolve_model
 from sdxl.weights import read_safetensors
@@ -638,8 +638,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, build_parser())
