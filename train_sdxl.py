@@ -119,8 +119,8 @@ def main(args: argparse.Namespace) -> Path:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(args.cache_dir) if args.cache_dir else cache_root() / "cache"
-    config = {
-        **vars(args),
+    config = {  # plain values only: it goes into checkpoints loaded with weights_only=True
+        **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "base_model": str(model_folder),
         "resolved_precision": precision.name,
         "device": str(device),
