@@ -23,7 +23,7 @@ from sdxl.lora_formats import LoRAModules, attach_lora, read_lora_file
 from sdxl.text_encoders import SDXLTextEncoder
 from sdxl.unet import UNet2DConditionModel
 from sdxl.vae import SDXLVAE
-from sdxl.weights import WeightsError, read_safetensors
+from sdxl.weights import WeightsError, read_safetensors, read_safetensors_header
 from training.train_util import checkpoint_lora_modules, load_checkpoint
 
 
@@ -119,8 +119,6 @@ def lora_base_model(path: str | Path) -> str | None:
     path = Path(path)
     if path.suffix == ".pt":
         return load_checkpoint(path).get("base_model")
-    from sdxl.weights import read_safetensors_header
-
     return read_safetensors_header(path)[0].get("__metadata__", {}).get("base_model")
 
 

@@ -88,9 +88,7 @@ def prune_step_checkpoints(output_dir: Path, keep_last: int) -> None:
         p for p in output_dir.glob("lora_step*.pt") if not p.stem.endswith("_lowest_loss")
     )
     for old in steps[:-keep_last]:
-        unet_file = old.with_suffix(".safetensors").with_name(
-            old.stem.replace("lora_", "unet_", 1) + ".safetensors"
-        )
+        unet_file = old.with_name(old.stem.replace("lora_", "unet_", 1) + ".safetensors")
         old.unlink()
         unet_file.unlink(missing_ok=True)
 
