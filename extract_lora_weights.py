@@ -1,6 +1,6 @@
 """Write a weights-only safetensors file from a training checkpoint.
 
-    uv run python extract_lora_weights.py outputs/tiny/lora_step000030_lowest_loss.pt
+    uv run python extract_lora_weights.py outputs/tiny/lora_step000030_*.pt
     uv run python extract_lora_weights.py CHECKPOINT --format kohya --dtype fp16     # ComfyUI, A1111, Forge
     uv run python extract_lora_weights.py CHECKPOINT --format diffusers               # load_lora_weights
     uv run python extract_lora_weights.py CHECKPOINT --ema --output my_lora.safetensors

@@ -1,6 +1,6 @@
 """Generate a COCO-style image dataset with SDXL and a LoRA.
 
-    uv run python generate_images.py --lora-checkpoint outputs/tiny/lora_step000030_lowest_loss.pt \\
+    uv run python generate_images.py --lora-checkpoint outputs/tiny/lora_step000030_*.pt \\
         --pretrained-model tiny --prompt "a red circle on a white background" --num-images 4 --image-size 64
 
     uv run python generate_images.py --lora-checkpoint lora_step_1800_lowest_loss.pt \\

@@ -123,7 +123,7 @@ def main(args: argparse.Namespace) -> Path:
         **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "base_model": str(model_folder),
         "resolved_precision": precision.name,
-        "device": str(device),
+        "resolved_device": str(device),
         "processes": world,
     }
     if main_process:
