@@ -29,12 +29,11 @@ from sampling.inference import (
     apply_lora_file,
     generate_unique_batch,
     lora_base_model,
-    read_lora_any,
+    read_prompt_file,
     to_pil,
 )
 from sdxl.diffusion import SAMPLERS
 from sdxl.errors import UserError, run_cli
-from sdxl.lora_formats import attach_lora
 from sdxl.pretrained import DEFAULT_MODEL, load_sdxl, resolve_model
 from sdxl.unet import UNet2DConditionModel, config_from_diffusers
 from training.precision_util import DTYPES
@@ -58,12 +57,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt_file:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise UserError(f"prompt file {path} does not exist")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise UserError(f"prompt file {path} has no prompts (one prompt a line)")
+        prompts = read_prompt_file(args.prompt_file)
     elif args.prompt:
         prompts = [args.prompt]
     else:
@@ -79,9 +73,7 @@ def check_lora_fits(lora: Path, model_folder: Path) -> None:
     config = json.loads((model_folder / "unet" / "config.json").read_text())
     with torch.device("meta"):
         unet = UNet2DConditionModel(config_from_diffusers(config))
-    weights = read_lora_any(lora, unet)
-    if all(isinstance(v, tuple) for v in weights.values()):
-        attach_lora(unet, weights)  # type: ignore[arg-type]
+    apply_lora_file(unet, lora, merge=False)
 
 
 def save_image(pixels: torch.Tensor, path: Path) -> None:

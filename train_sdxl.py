@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from sampling.inference import Pipeline, generate_unique_batch, to_pil
+from sampling.inference import Pipeline, generate_unique_batch, read_prompt_file, to_pil
 from sdxl.errors import run_cli
 from sdxl.lora import TARGET_MODES, apply_lora_to_unet, get_lora_state_dict, load_lora_state_dict
 from sdxl.pretrained import DEFAULT_MODEL, cache_root, load_sdxl, resolve_model
@@ -412,14 +412,7 @@ def print_bucket_table(buckets: list[tuple[int, int]]) -> None:
 
 
 def read_validation_prompts(path: str | None) -> list[str]:
-    if path is None:
-        return []
-    if not Path(path).is_file():
-        raise DataError(f"validation prompt file {path} does not exist")
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise DataError(f"validation prompt file {path} has no prompts (one prompt a line)")
-    return prompts
+    return [] if path is None else read_prompt_file(path)
 
 
 def image_grid(images: torch.Tensor) -> Image.Image:

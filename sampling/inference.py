@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from sdxl.diffusion import SAMPLERS, EpsModel, NoiseSchedule
+from sdxl.errors import UserError
 from sdxl.lora import merge_lora
 from sdxl.lora_formats import LoRAModules, attach_lora, read_lora_file
 from sdxl.text_encoders import SDXLTextEncoder
@@ -112,6 +113,17 @@ def generate(pipe: Pipeline, prompt: str, num_images: int, seed: int, **kwargs) 
 # ---------------------------------------------------------------------------------------------
 # LoRA files for generation
 # ---------------------------------------------------------------------------------------------
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """One prompt a line, blank lines skipped; a missing or empty file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompt file {path} does not exist")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"prompt file {path} has no prompts (one prompt a line)")
+    return prompts
 
 
 def lora_base_model(path: str | Path) -> str | None:
