@@ -229,6 +229,16 @@ class ResnetBlock2D(nn.Module):
         return shortcut + h
 
 
+class SkipResnetBlock2D(ResnetBlock2D):
+    """An up-path ResNet: the same layers over the running features concatenated with a skip.
+
+    The concatenation happens inside, so that gradient checkpointing (which stores a unit's
+    inputs) keeps `x` and `skip`, both of which exist anyway, instead of a concatenated copy."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(torch.cat([x, skip], dim=1), emb)  # (B, C + C_skip, H, W)
+
+
 class Attention(nn.Module):
     """Multi-head attention; self-attention when no context is given, cross-attention otherwise."""
 
@@ -417,7 +427,7 @@ def _up_resnets(in_ch: int, prev_ch: int, out_ch: int, cfg: UNetConfig) -> nn.Mo
     n = cfg.layers_per_block + 1
     return nn.ModuleList(
         [
-            ResnetBlock2D(
+            SkipResnetBlock2D(
                 (prev_ch if i == 0 else out_ch) + (in_ch if i == n - 1 else out_ch), out_ch, cfg
             )
             for i in range(n)
@@ -436,7 +446,7 @@ class UpBlock2D(nn.Module):
         self, x: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor
     ) -> torch.Tensor:
         for resnet, skip in zip(self.resnets, reversed(skips)):
-            x = resnet(torch.cat([x, skip], dim=1), emb)  # (B, C + C_skip, H, W) -> (B, C, H, W)
+            x = resnet(x, emb, skip)  # (B, C, H, W) ++ (B, C_skip, H, W) -> (B, C_out, H, W)
         return x
 
 
@@ -462,7 +472,7 @@ class CrossAttnUpBlock2D(nn.Module):
         out_size: torch.Size,
     ) -> torch.Tensor:
         for resnet, attn, skip in zip(self.resnets, self.attentions, reversed(skips)):
-            x = resnet(torch.cat([x, skip], dim=1), emb)  # (B, C + C_skip, H, W) -> (B, C, H, W)
+            x = resnet(x, emb, skip)  # (B, C, H, W) ++ (B, C_skip, H, W) -> (B, C_out, H, W)
             x = attn(x, context)
         return self.upsamplers[0](x, out_size)
 

@@ -108,6 +108,39 @@ def test_gradient_checkpointing_same_output_and_gradients():
     assert list(ours.state_dict()) == list(_pair()[0].state_dict())
 
 
+def test_checkpointing_stores_no_concatenated_skips():
+    """The up path's ResNets concatenate their skip inside the checkpointed unit, so backward keeps
+    `x` and `skip` (which exist anyway) and never a concatenated copy of them."""
+    ours, _ = _pair()
+    ours.requires_grad_(False)  # frozen base, as under LoRA: only the input needs a gradient
+    ours.enable_gradient_checkpointing()
+    x, t, ctx, cond = _inputs()
+    x.requires_grad_(True)
+
+    concatenated: list[torch.Tensor] = []  # held, so no other tensor can reuse their memory
+
+    class RecordCat(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.cat and out.dim() == 4:
+                concatenated.append(out)
+            return out
+
+    saved: set[int] = set()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with RecordCat(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = ours(x, t, ctx, cond)
+    n_up_resnets = sum(len(block.resnets) for block in ours.up_blocks)
+    assert len(concatenated) == n_up_resnets  # one (B, C + C_skip, H, W) per up-path ResNet
+    assert not saved & {c.untyped_storage().data_ptr() for c in concatenated}
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize(
     "key,value,message",
     [
