@@ -6,18 +6,30 @@ runs in its own process (so peak memory is the process's VmHWM and nothing leaks
 the sides alternate A B A B. Prints the median step time, peak memory, memory above the weights, the
 trainable-parameter count, and the ratios ours / reference.
 
+Memory is reported three ways. "peak" is the process's VmHWM; "above weights" is VmHWM minus the
+weight bytes, so it includes the PyTorch runtime (about 0.53 GiB for `import torch` here), the
+imports of each side, and whatever the C allocator keeps resident after freeing. "step live" is the
+peak of the bytes malloc has handed out and not yet had back (glibc's mallinfo2, sampled
+continuously by a second thread during one extra, untimed step), minus the same at the start of
+that step: what the step itself needs (saved activations, recompute buffers, gradients), without
+allocator retention; the CPU counterpart of `torch.cuda.max_memory_allocated`. With `--device cuda`
+"peak" is `max_memory_reserved` and "step live" is `max_memory_allocated` above the step's start.
+
     uv run python bench/unet_step.py --config tiny
     uv run python bench/unet_step.py --config sdxl --latent 64 --repeats 2
     uv run python bench/unet_step.py --config sdxl --latent 128 --checkpointing off
+    uv run python bench/unet_step.py --config sdxl --latent 128 --device cuda   # on a GPU: bf16
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -58,6 +70,45 @@ def proc_status(field: str) -> int:
     raise KeyError(field)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
+
+
+def malloc_in_use() -> int | None:
+    """Bytes glibc's malloc has handed out and not had back (heap chunks + mmapped chunks)."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):  # not glibc >= 2.33
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def live_peak_during(fn) -> int | None:
+    """Peak of malloc_in_use() while fn() runs, above its value at the start."""
+    start = malloc_in_use()
+    if start is None:
+        return None
+    peak, done = start, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, malloc_in_use() or 0)
+            time.sleep(0)  # yield the GIL, then sample again
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    fn()
+    done.set()
+    sampler.join()
+    return peak - start
+
+
 @torch.no_grad()
 def fill_random(model: torch.nn.Module, seed: int = 0) -> None:
     """Identical small random weights on both sides: one generator, parameters in name order."""
@@ -66,7 +117,9 @@ def fill_random(model: torch.nn.Module, seed: int = 0) -> None:
         p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(0.02).to(p.dtype))
 
 
-def build(side: str, cfg: dict, rank: int, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+def build(
+    side: str, cfg: dict, rank: int, dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
+) -> torch.nn.Module:
     """A UNet built on meta and materialised straight in `dtype` (no fp32 copy), with LoRA."""
     if side == "ours":
         from sdxl.lora import apply_lora_to_unet
@@ -81,6 +134,7 @@ def build(side: str, cfg: dict, rank: int, dtype: torch.dtype = torch.bfloat16) 
             model = RefUNet.from_config(cfg)
     model = model.to(dtype).to_empty(device="cpu")
     fill_random(model)
+    model.to(device)
     if side == "ours":
         apply_lora_to_unet(model, rank=rank, alpha=rank, target_mode="attention")
     else:
@@ -101,7 +155,8 @@ def child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     cfg = unet_config(args.config)
     dtype = DTYPES[args.dtype]
-    model = build(args.side, cfg, args.rank, dtype)
+    device = torch.device(args.device)
+    model = build(args.side, cfg, args.rank, dtype, args.device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if args.checkpointing == "on":
         model.enable_gradient_checkpointing()
@@ -118,14 +173,16 @@ def child(args: argparse.Namespace) -> None:
         cfg["cross_attention_dim"],
         cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"],
     )
-    x = torch.randn(1, 4, L, L, generator=g).to(dtype).contiguous(memory_format=memory_format)
-    target = torch.randn(1, 4, L, L, generator=g)
-    ctx = torch.randn(1, 77, ctx_dim, generator=g).to(dtype)
+    x = torch.randn(1, 4, L, L, generator=g).to(device, dtype)
+    x = x.contiguous(memory_format=memory_format)
+    target = torch.randn(1, 4, L, L, generator=g).to(device)
+    ctx = torch.randn(1, 77, ctx_dim, generator=g).to(device, dtype)
     cond = {
-        "text_embeds": torch.randn(1, pooled, generator=g).to(dtype),
-        "time_ids": torch.tensor([[8.0 * L, 8.0 * L, 0, 0, 8.0 * L, 8.0 * L]]).to(dtype),
+        "text_embeds": torch.randn(1, pooled, generator=g).to(device, dtype),
+        "time_ids": torch.tensor([[8.0 * L, 8.0 * L, 0, 0, 8.0 * L, 8.0 * L]]).to(device, dtype),
     }
-    t = torch.tensor([500])
+    t = torch.tensor([500], device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step() -> float:
         start = time.perf_counter()
@@ -137,16 +194,28 @@ def child(args: argparse.Namespace) -> None:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         return time.perf_counter() - start
 
     step()  # warm-up: first-call allocations and kernel selection
     times = [step() for _ in range(args.steps)]
+    live: int | None
+    if device.type == "cuda":
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        live = torch.cuda.max_memory_allocated() - start
+        peak = torch.cuda.max_memory_reserved()
+    else:
+        live = live_peak_during(step)
+        peak = proc_status("VmHWM")
     print(
         json.dumps(
             {
                 "times": times,
-                "peak": proc_status("VmHWM"),
+                "peak": peak,
                 "weights": weight_bytes,
+                "live": live,
                 "trainable": sum(p.numel() for p in trainable),
             }
         )
@@ -161,12 +230,13 @@ def main(args: argparse.Namespace) -> None:
             cmd += ["--latent", str(args.latent), "--checkpointing", args.checkpointing]
             cmd += ["--steps", str(args.steps), "--rank", str(args.rank)]
             cmd += ["--channels_last", args.channels_last, "--dtype", args.dtype]
+            cmd += ["--device", args.device]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             res = json.loads(out.strip().splitlines()[-1])
             results[side].append(res)
             print(
                 f"run {r + 1}/{args.repeats} {side:4s}: steps {' '.join(f'{s:.3f}' for s in res['times'])} s, "
-                f"peak {res['peak'] / 2**30:.2f} GiB",
+                f"peak {res['peak'] / 2**30:.2f} GiB, step live {(res['live'] or 0) / 2**20:.0f} MiB",
                 flush=True,
             )
 
@@ -176,6 +246,7 @@ def main(args: argparse.Namespace) -> None:
             "step": statistics.median(t for r in runs for t in r["times"]),
             "peak": max(r["peak"] for r in runs),
             "above": max(r["peak"] - r["weights"] for r in runs),
+            "live": max(r["live"] or 0 for r in runs),
             "trainable": runs[0]["trainable"],
         }
 
@@ -184,17 +255,15 @@ def main(args: argparse.Namespace) -> None:
         f"\nconfig {args.config}, latent {args.latent}x{args.latent}, {args.dtype}, rank {args.rank}, "
         f"checkpointing {args.checkpointing}, {torch.get_num_threads()} threads"
     )
-    print(
-        f"{'':18s}{'median step s':>14s}{'peak GiB':>10s}{'above weights GiB':>19s}{'trainable':>12s}"
-    )
+    header = ("median step s", "peak GiB", "above weights GiB", "step live MiB", "trainable")
+    print(f"{'':18s}" + "".join(f"{h:>19s}" for h in header))
     for name, s in (("ours", ours), ("diffusers + peft", ref)):
-        print(
-            f"{name:18s}{s['step']:14.3f}{s['peak'] / 2**30:10.2f}{s['above'] / 2**30:19.3f}{s['trainable']:12,d}"
-        )
-    print(
-        f"{'ratio ours/ref':18s}{ours['step'] / ref['step']:14.3f}{ours['peak'] / ref['peak']:10.3f}"
-        f"{ours['above'] / ref['above']:19.3f}"
-    )
+        row = (s["step"], s["peak"] / 2**30, s["above"] / 2**30, s["live"] / 2**20)
+        print(f"{name:18s}" + "".join(f"{v:19.3f}" for v in row) + f"{s['trainable']:19,d}")
+    ratios = [
+        ours[k] / ref[k] if ref[k] else float("nan") for k in ("step", "peak", "above", "live")
+    ]
+    print(f"{'ratio ours/ref':18s}" + "".join(f"{v:19.3f}" for v in ratios))
 
 
 if __name__ == "__main__":
@@ -230,6 +299,12 @@ if __name__ == "__main__":
         choices=list(DTYPES),
         default="bf16",
         help="dtype of the frozen base (adapters are fp32)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where the step runs (on cuda, memory is torch.cuda's reserved and allocated bytes)",
     )
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank (alpha = rank)")
     parser.add_argument(
