@@ -322,9 +322,9 @@ class Transformer2DModel(nn.Module):
         h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context)
-        h = self.proj_out(h)
-        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
-        return h + x
+        h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W), a view
+        # x first: the sum takes x's memory format, so a channels_last UNet stays channels_last.
+        return x + h
 
 
 class Downsample2D(nn.Module):

@@ -108,6 +108,32 @@ def test_gradient_checkpointing_same_output_and_gradients():
     assert list(ours.state_dict()) == list(_pair()[0].state_dict())
 
 
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_memory_format_is_kept_through_the_unet(memory_format):
+    """The scripts run the UNet in channels_last (NCHW bf16 convolutions are slow on the CPU): every
+    convolution and GroupNorm must then see channels_last input, with no silent switch back to NCHW
+    (and an NCHW UNet must stay NCHW). The output equals the NCHW result."""
+    ours, _ = _pair()
+    x, t, ctx, cond = _inputs()
+    with torch.no_grad():
+        expected = ours(x, t, ctx, cond)
+    ours.to(memory_format=memory_format)
+    layouts: list[tuple[str, bool]] = []
+    for name, module in ours.named_modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.GroupNorm)):
+            module.register_forward_pre_hook(
+                lambda m, args, name=name: layouts.append(
+                    (name, args[0].is_contiguous(memory_format=memory_format))
+                )
+            )
+    with torch.no_grad():
+        out = ours(x.contiguous(memory_format=memory_format), t, ctx, cond)
+    assert len(layouts) > 50
+    assert [name for name, kept in layouts if not kept] == []
+    # Different layouts pick different convolution kernels: equal up to fp32 rounding.
+    assert _rel_err(out, expected) <= 1e-5
+
+
 def test_checkpointing_stores_no_concatenated_skips():
     """The up path's ResNets concatenate their skip inside the checkpointed unit, so backward keeps
     `x` and `skip` (which exist anyway) and never a concatenated copy of them."""
