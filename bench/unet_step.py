@@ -77,28 +77,36 @@ class _MallInfo2(ctypes.Structure):
     ]
 
 
-def malloc_in_use() -> int | None:
-    """Bytes glibc's malloc has handed out and not had back (heap chunks + mmapped chunks)."""
+def _find_mallinfo2():
     try:
         mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
     except (OSError, AttributeError):  # not glibc >= 2.33
         return None
     mallinfo2.restype = _MallInfo2
-    info = mallinfo2()
+    return mallinfo2
+
+
+_mallinfo2 = _find_mallinfo2()  # looked up once: the sampler below calls it in a tight loop
+
+
+def malloc_in_use() -> int:
+    """Bytes glibc's malloc has handed out and not had back (heap chunks + mmapped chunks)."""
+    info = _mallinfo2()
     return info.uordblks + info.hblkhd
 
 
 def live_peak_during(fn) -> int | None:
-    """Peak of malloc_in_use() while fn() runs, above its value at the start."""
-    start = malloc_in_use()
-    if start is None:
+    """Peak of malloc_in_use() while fn() runs, above its value at the start (None off glibc)."""
+    if _mallinfo2 is None:
+        fn()
         return None
+    start = malloc_in_use()
     peak, done = start, threading.Event()
 
     def sample() -> None:
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, malloc_in_use() or 0)
+            peak = max(peak, malloc_in_use())
             time.sleep(0)  # yield the GIL, then sample again
 
     sampler = threading.Thread(target=sample)

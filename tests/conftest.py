@@ -9,6 +9,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SDXL_CONFIGS = ROOT / "sdxl" / "configs" / "sdxl-base-1.0"
+EXAMPLES = ROOT / "examples" / "shapes"
+
+
+def train_argv(model: Path, output_dir: Path, *extra: str) -> list[str]:
+    """train_sdxl.py flags for a quick CPU run on the example shapes: 32 px, fp32, plus `extra`."""
+    return [
+        "--data_dir",
+        str(EXAMPLES),
+        "--pretrained_model",
+        str(model),
+        "--output_dir",
+        str(output_dir),
+        "--image_size",
+        "32",
+        "--precision",
+        "fp32",
+        *extra,
+    ]
 
 
 def tiny_unet_config() -> dict:

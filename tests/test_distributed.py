@@ -6,27 +6,17 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import ROOT, train_argv
 
 import train_sdxl
 from training.train_util import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples" / "shapes"
-
 
 def flags(tiny_model, out, batch_size, *extra):
-    return [
-        "--data_dir",
-        str(EXAMPLES),
-        "--pretrained_model",
-        str(tiny_model),
-        "--output_dir",
-        str(out),
+    return train_argv(
+        tiny_model,
+        out,
         "--use_lora",
-        "--image_size",
-        "32",
-        "--precision",
-        "fp32",
         "--random_flip",
         "--learning_rate",
         "1e-3",
@@ -38,7 +28,7 @@ def flags(tiny_model, out, batch_size, *extra):
         "--adam_epsilon",
         "1.0",
         *extra,
-    ]
+    )
 
 
 def free_port() -> int:

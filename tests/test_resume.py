@@ -3,10 +3,10 @@
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, train_argv
 from diffusers import StableDiffusionXLPipeline
 
 import extract_lora_weights
@@ -18,15 +18,9 @@ from sdxl.lora_formats import attach_lora, read_lora_file
 from sdxl.unet import load_unet
 from training.train_util import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples" / "shapes"
 # 8 images, batch 2: 4 steps an epoch; 6 steps cross an epoch boundary.
 COMMON = [
     "--use_lora",
-    "--image_size",
-    "32",
-    "--precision",
-    "fp32",
     "--batch_size",
     "2",
     "--random_flip",
@@ -41,17 +35,7 @@ COMMON = [
 
 
 def args_for(tiny_model, out, *extra):
-    argv = [
-        "--data_dir",
-        str(EXAMPLES),
-        "--pretrained_model",
-        str(tiny_model),
-        "--output_dir",
-        str(out),
-        *COMMON,
-        *extra,
-    ]
-    return train_sdxl.build_parser().parse_args(argv)
+    return train_sdxl.build_parser().parse_args(train_argv(tiny_model, out, *COMMON, *extra))
 
 
 @pytest.fixture(scope="module")

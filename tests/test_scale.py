@@ -1,38 +1,27 @@
 """Cached latents and text embeddings; aspect-ratio buckets."""
 
 import json
-from pathlib import Path
 
 import torch
+from conftest import train_argv
 from PIL import Image
 
 import train_sdxl
 from training.data_loader import TrainingData, assign_buckets, batches, bucket_sizes, scan
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples" / "shapes"
-
 
 def run(tiny_model, out, *extra):
-    argv = [
-        "--data_dir",
-        str(EXAMPLES),
-        "--pretrained_model",
-        str(tiny_model),
-        "--output_dir",
-        str(out),
+    argv = train_argv(
+        tiny_model,
+        out,
         "--use_lora",
-        "--image_size",
-        "32",
-        "--precision",
-        "fp32",
         "--center_crop",
         "--max_train_steps",
         "4",
         "--caption_dropout",
         "0.3",
         *extra,
-    ]
+    )
     train_sdxl.main(train_sdxl.build_parser().parse_args(argv))
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 

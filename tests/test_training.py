@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import EXAMPLES, train_argv
 
 import train_sdxl
 from sdxl.lora import apply_lora_to_unet
@@ -13,21 +14,9 @@ from training.precision_util import resolve_precision
 from training.train_loop import Trainer, TrainingError, train_step
 from training.train_util import atomic_torch_save, load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples" / "shapes"
-
 
 def train_args(tiny_model, output_dir, *extra: str):
-    argv = [
-        "--data_dir",
-        str(EXAMPLES),
-        "--pretrained_model",
-        str(tiny_model),
-        "--output_dir",
-        str(output_dir),
-    ]
-    argv += ["--image_size", "32", "--precision", "fp32", *extra]
-    return train_sdxl.build_parser().parse_args(argv)
+    return train_sdxl.build_parser().parse_args(train_argv(tiny_model, output_dir, *extra))
 
 
 def test_overfit_one_batch_and_only_adapters_change(tiny_model):
