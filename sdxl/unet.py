@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.grad import conv2d_input
 from torch.utils.checkpoint import checkpoint
 
 from sdxl.weights import WeightsError, load_state_dict_strict, read_safetensors
@@ -204,6 +206,65 @@ class TimestepEmbedding(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# Two layers that keep less for backward (same parameters, same outputs, same gradients)
+# ---------------------------------------------------------------------------------------------
+
+
+class _ConvFrozenWeight(torch.autograd.Function):
+    """conv2d whose backward computes only the input gradient, from the weight alone."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        ctx.save_for_backward(conv.weight)
+        ctx.x_shape, ctx.conv = x.shape, (conv.stride, conv.padding, conv.dilation, conv.groups)
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        ctx.x_format = torch.channels_last if channels_last else torch.contiguous_format
+        return F.conv2d(x, conv.weight, conv.bias, *ctx.conv)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        # Under autocast the forward ran in grad's dtype; the weight is cast the same way.
+        grad_x = conv2d_input(ctx.x_shape, weight.to(grad.dtype), grad, *ctx.conv)
+        # The kernel takes its layout from the weight (x is not there); give x's back (a no-op
+        # when the two agree, as in a UNet moved to one memory format).
+        return grad_x.contiguous(memory_format=ctx.x_format), None
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that keeps nothing for backward while its weights are frozen.
+
+    Autograd's convolution always saves its input, though only the weight gradient reads it: the
+    input gradient is the output gradient convolved back with the weight. Under LoRA every
+    convolution is frozen, so that input is pure cost: the upsamplers' 4x maps, and in each
+    recomputed ResNet the SiLU outputs. (Autograd's matmul already skips it for frozen Linears.)
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frozen = not any(p.requires_grad for p in (self.weight, self.bias) if p is not None)
+        if frozen and torch.is_grad_enabled():
+            return _ConvFrozenWeight.apply(x, self)
+        return super().forward(x)  # inference, or full fine-tuning (the weight gradient reads x)
+
+
+class GroupNormSiLU(nn.GroupNorm):
+    """SiLU(GroupNorm(x)) that keeps only x for backward (the parameters are nn.GroupNorm's).
+
+    Separately, GroupNorm saves x and SiLU saves the normalised map, a second tensor as large as x
+    (the largest in a ResNet: 960 channels at full resolution in the first up ResNet). Recomputing
+    the map in backward is elementwise work; storing it is what sets the training step's peak."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return checkpoint(self._norm_silu, x, use_reentrant=False, preserve_rng_state=False)
+        return self._norm_silu(x)  # inference: nothing is kept for backward anyway
+
+    def _norm_silu(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(super().forward(x))
+
+
+# ---------------------------------------------------------------------------------------------
 # ResNet and transformer layers
 # ---------------------------------------------------------------------------------------------
 
@@ -213,18 +274,18 @@ class ResnetBlock2D(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, cfg: UNetConfig):
         super().__init__()
-        self.norm1 = nn.GroupNorm(cfg.norm_num_groups, in_ch, eps=cfg.norm_eps)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm1 = GroupNormSiLU(cfg.norm_num_groups, in_ch, eps=cfg.norm_eps)
+        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_emb_proj = nn.Linear(cfg.time_embed_dim, out_ch)
-        self.norm2 = nn.GroupNorm(cfg.norm_num_groups, out_ch, eps=cfg.norm_eps)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.norm2 = GroupNormSiLU(cfg.norm_num_groups, out_ch, eps=cfg.norm_eps)
+        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # emb is already SiLU(time embedding): the UNet applies that activation once for all ResNets.
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x))  # norm1 and norm2 include the SiLU
         h = h + self.time_emb_proj(emb)[:, :, None, None]  # (B, C, 1, 1) broadcast over H, W
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(self.norm2(h))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut + h
 
@@ -330,7 +391,7 @@ class Transformer2DModel(nn.Module):
 class Downsample2D(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.conv = Conv2d(ch, ch, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -339,7 +400,7 @@ class Downsample2D(nn.Module):
 class Upsample2D(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
         # Nearest-neighbour to the size of the matching down level (x2 when sizes are even; exact
@@ -495,7 +556,7 @@ class UNet2DConditionModel(nn.Module):
         c0, c1, c2 = cfg.block_out_channels
         heads, depth = cfg.num_heads, cfg.transformer_layers_per_block
 
-        self.conv_in = nn.Conv2d(cfg.in_channels, c0, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, c0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(c0, cfg.time_embed_dim)
         # Added conditioning: pooled text (1280) ++ 6 time ids embedded at 256 each = 2816 in SDXL.
         self.add_embedding = TimestepEmbedding(
@@ -517,8 +578,8 @@ class UNet2DConditionModel(nn.Module):
                 UpBlock2D(c0, c1, c0, cfg),
             ]
         )
-        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, c0, eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(c0, cfg.out_channels, 3, padding=1)
+        self.conv_norm_out = GroupNormSiLU(cfg.norm_num_groups, c0, eps=cfg.norm_eps)
+        self.conv_out = Conv2d(c0, cfg.out_channels, 3, padding=1)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> UNet2DConditionModel:
@@ -588,7 +649,7 @@ class UNet2DConditionModel(nn.Module):
             h, [skips0[-1], *skips1[:-1]], emb, context, skips0[0].shape[-2:]
         )  # H
         h = self.up_blocks[2](h, [x0, *skips0[:-1]], emb)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, 4, H, W)
+        return self.conv_out(self.conv_norm_out(h))  # (B, 4, H, W); the norm includes the SiLU
 
 
 def load_unet(
