@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import tiny_unet_config
 from safetensors.torch import save_file
 
-from sdxl.unet import Conv2d, GroupNormSiLU, UNet2DConditionModel, load_unet
+from sdxl.unet import GEGLU, Conv2d, GroupNormSiLU, UNet2DConditionModel, load_unet
 from sdxl.weights import WeightsError
 
 
@@ -210,7 +210,21 @@ def _malloc_in_use() -> int:
     return info.uordblks + info.hblkhd
 
 
-@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="needs glibc >= 2.33")
+def _bytes_kept(make_output) -> int:
+    """Heap bytes that make_output() leaves allocated beyond its output: what its graph keeps."""
+    make_output()  # a first call may allocate kernel workspaces once, for the process
+    gc.collect()
+    before = _malloc_in_use()
+    out = make_output()
+    return _malloc_in_use() - before - out.numel() * out.element_size()
+
+
+needs_glibc = pytest.mark.skipif(
+    not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="counts bytes with glibc's mallinfo2"
+)
+
+
+@needs_glibc
 def test_frozen_convolution_and_groupnorm_silu_keep_less_for_backward():
     """What the autograd graph of GroupNorm -> SiLU -> frozen conv keeps: diffusers' layers keep
     the normalised map (for SiLU) and SiLU's output (for the conv), two maps as large as the input;
@@ -225,14 +239,8 @@ def test_frozen_convolution_and_groupnorm_silu_keep_less_for_backward():
     conv.requires_grad_(False)
     ref_conv.requires_grad_(False)
 
-    def kept(make_output) -> int:
-        gc.collect()
-        before = _malloc_in_use()
-        out = make_output()
-        return _malloc_in_use() - before - out.numel() * out.element_size()
-
-    ours_kept = kept(lambda: conv(norm(x)))
-    ref_kept = kept(lambda: ref_conv(F.silu(ref_norm(x))))
+    ours_kept = _bytes_kept(lambda: conv(norm(x)))
+    ref_kept = _bytes_kept(lambda: ref_conv(F.silu(ref_norm(x))))
     assert ref_kept >= 1.9 * map_bytes
     assert ours_kept <= 0.1 * map_bytes
     # ...and the same gradients, exactly: the same kernels compute them.
@@ -243,6 +251,29 @@ def test_frozen_convolution_and_groupnorm_silu_keep_less_for_backward():
     )
     for ga, gb in zip(ours_grads, ref_grads):
         assert torch.equal(ga, gb)
+
+
+@needs_glibc
+def test_geglu_keeps_only_its_projection():
+    """diffusers' GEGLU keeps the projection h (as value and gate) and GELU(gate), half as large;
+    ours keeps h only, and computes the same output and gradients."""
+    torch.manual_seed(0)
+    geglu = GEGLU(64, 256).requires_grad_(False)  # frozen, as under LoRA
+    x = torch.randn(1, 1024, 64, requires_grad=True)
+    h_bytes = 1024 * 512 * 4  # 2 MiB
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        value, gate = geglu.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+    ours_kept, ref_kept = _bytes_kept(lambda: geglu(x)), _bytes_kept(lambda: reference(x))
+    assert 0.95 * h_bytes <= ours_kept <= 1.05 * h_bytes
+    assert ref_kept >= ours_kept + 0.45 * h_bytes
+    g = torch.randn(1, 1024, 256)
+    assert torch.equal(geglu(x), reference(x))
+    assert torch.equal(
+        torch.autograd.grad(geglu(x), x, g)[0], torch.autograd.grad(reference(x), x, g)[0]
+    )
 
 
 @pytest.mark.parametrize("stride", [1, 2])
