@@ -206,7 +206,7 @@ class TimestepEmbedding(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Layers that keep less for backward (same parameters, same outputs, same gradients)
+# Two layers that keep less for backward (same parameters, same outputs, same gradients)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -238,8 +238,8 @@ class Conv2d(nn.Conv2d):
     Autograd's convolution always saves its input, though only the weight gradient reads it: the
     input gradient is the output gradient convolved back with the weight. Under LoRA every
     convolution is frozen, so that input is pure cost: the upsamplers' 4x maps, and in each
-    recomputed ResNet the GroupNorm+SiLU outputs. (Autograd's matmul already skips it for frozen Linears.)
-    """
+    recomputed ResNet the GroupNorm+SiLU outputs. (Autograd's matmul already skips it for frozen
+    Linears.)"""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         frozen = not any(p.requires_grad for p in (self.weight, self.bias) if p is not None)
@@ -262,29 +262,6 @@ class GroupNormSiLU(nn.GroupNorm):
 
     def _norm_silu(self, x: torch.Tensor) -> torch.Tensor:
         return F.silu(super().forward(x))
-
-
-class _GatedGELU(torch.autograd.Function):
-    """value * GELU(gate) for (value, gate) = the two halves of h, keeping only h for backward.
-
-    Autograd would also keep GELU(gate), half the size of h; with h, the largest tensor a
-    transformer block keeps (4x the block's width, at every token)."""
-
-    @staticmethod
-    def forward(ctx: Any, h: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(h)
-        value, gate = h.chunk(2, dim=-1)
-        return value * F.gelu(gate)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (h,) = ctx.saved_tensors
-        value, gate = h.chunk(2, dim=-1)
-        # The products autograd would form, in the same order: d value, then d gate.
-        return torch.cat(
-            [grad * F.gelu(gate), torch.ops.aten.gelu_backward(grad * value, gate)], -1
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +331,8 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, 2 * inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _GatedGELU.apply(self.proj(x))  # (B, N, 2 * inner) -> (B, N, inner)
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
 
 
 class FeedForward(nn.Module):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import tiny_unet_config
 from safetensors.torch import save_file
 
-from sdxl.unet import GEGLU, Conv2d, GroupNormSiLU, UNet2DConditionModel, load_unet
+from sdxl.unet import Conv2d, GroupNormSiLU, UNet2DConditionModel, load_unet
 from sdxl.weights import WeightsError
 
 
@@ -251,29 +251,6 @@ def test_frozen_convolution_and_groupnorm_silu_keep_less_for_backward():
     )
     for ga, gb in zip(ours_grads, ref_grads):
         assert torch.equal(ga, gb)
-
-
-@needs_glibc
-def test_geglu_keeps_only_its_projection():
-    """diffusers' GEGLU keeps the projection h (as value and gate) and GELU(gate), half as large;
-    ours keeps h only, and computes the same output and gradients."""
-    torch.manual_seed(0)
-    geglu = GEGLU(64, 256).requires_grad_(False)  # frozen, as under LoRA
-    x = torch.randn(1, 1024, 64, requires_grad=True)
-    h_bytes = 1024 * 512 * 4  # 2 MiB
-
-    def reference(x: torch.Tensor) -> torch.Tensor:
-        value, gate = geglu.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
-
-    ours_kept, ref_kept = _bytes_kept(lambda: geglu(x)), _bytes_kept(lambda: reference(x))
-    assert 0.95 * h_bytes <= ours_kept <= 1.05 * h_bytes
-    assert ref_kept >= ours_kept + 0.45 * h_bytes
-    g = torch.randn(1, 1024, 256)
-    assert torch.equal(geglu(x), reference(x))
-    assert torch.equal(
-        torch.autograd.grad(geglu(x), x, g)[0], torch.autograd.grad(reference(x), x, g)[0]
-    )
 
 
 @pytest.mark.parametrize("stride", [1, 2])
