@@ -86,18 +86,19 @@ def _find_mallinfo2():
     return mallinfo2
 
 
-_mallinfo2 = _find_mallinfo2()  # looked up once: the sampler below calls it in a tight loop
+# Looked up once (the sampler below calls it in a tight loop); None off glibc.
+MALLINFO2 = _find_mallinfo2()
 
 
 def malloc_in_use() -> int:
     """Bytes glibc's malloc has handed out and not had back (heap chunks + mmapped chunks)."""
-    info = _mallinfo2()
+    info = MALLINFO2()
     return info.uordblks + info.hblkhd
 
 
 def live_peak_during(fn) -> int | None:
     """Peak of malloc_in_use() while fn() runs, above its value at the start (None off glibc)."""
-    if _mallinfo2 is None:
+    if MALLINFO2 is None:
         fn()
         return None
     start = malloc_in_use()

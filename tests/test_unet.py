@@ -1,6 +1,5 @@
 """Our UNet against diffusers' UNet2DConditionModel: parity, keys, checkpointing, loading, configs."""
 
-import ctypes
 import gc
 import json
 
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from conftest import tiny_unet_config
 from safetensors.torch import save_file
 
+from bench.unet_step import MALLINFO2, malloc_in_use
 from sdxl.unet import Conv2d, GroupNormSiLU, UNet2DConditionModel, load_unet
 from sdxl.weights import WeightsError
 
@@ -195,33 +195,16 @@ def test_gradients_match_diffusers(frozen):
     assert max(_rel_err(ga, gb) for ga, gb in zip(a, b)) <= 1e-5
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
-    ]
-
-
-def _malloc_in_use() -> int:
-    """Bytes glibc's malloc has handed out and not had back (heap chunks + mmapped chunks)."""
-    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    mallinfo2.restype = _MallInfo2
-    info = mallinfo2()
-    return info.uordblks + info.hblkhd
-
-
 def _bytes_kept(make_output) -> int:
     """Heap bytes that make_output() leaves allocated beyond its output: what its graph keeps."""
     make_output()  # a first call may allocate kernel workspaces once, for the process
     gc.collect()
-    before = _malloc_in_use()
+    before = malloc_in_use()
     out = make_output()
-    return _malloc_in_use() - before - out.numel() * out.element_size()
+    return malloc_in_use() - before - out.numel() * out.element_size()
 
 
-needs_glibc = pytest.mark.skipif(
-    not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="counts bytes with glibc's mallinfo2"
-)
+needs_glibc = pytest.mark.skipif(MALLINFO2 is None, reason="counts bytes with glibc's mallinfo2")
 
 
 @needs_glibc
