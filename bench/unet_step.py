@@ -120,10 +120,13 @@ def live_peak_during(fn) -> int | None:
 
 @torch.no_grad()
 def fill_random(model: torch.nn.Module, seed: int = 0) -> None:
-    """Identical small random weights on both sides: one generator, parameters in name order."""
-    g = torch.Generator().manual_seed(seed)
+    """Identical small random weights on both sides: one generator on the model's device,
+    parameters in name order."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device).manual_seed(seed)
     for _, p in sorted(model.named_parameters()):
-        p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(0.02).to(p.dtype))
+        noise = torch.randn(p.shape, generator=g, device=device, dtype=torch.float32)
+        p.copy_(noise.mul_(0.02).to(p.dtype))
 
 
 def build(
@@ -141,9 +144,8 @@ def build(
 
         with torch.device("meta"):
             model = RefUNet.from_config(cfg)
-    model = model.to(dtype).to_empty(device="cpu")
+    model = model.to(dtype).to_empty(device=device)
     fill_random(model)
-    model.to(device)
     if side == "ours":
         apply_lora_to_unet(model, rank=rank, alpha=rank, target_mode="attention")
     else:

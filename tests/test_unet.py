@@ -14,8 +14,28 @@ from bench.unet_step import MALLINFO2, malloc_in_use
 from sdxl.unet import Conv2d, GroupNormSiLU, UNet2DConditionModel, load_unet
 from sdxl.weights import WeightsError
 
+# The numerical tests run on the CPU everywhere, and on the GPU too where one is present (CI has
+# none; a lent GPU machine runs `pytest tests/test_unet.py -k cuda`).
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    ),
+]
 
-def _pair(seed: int = 0) -> tuple[UNet2DConditionModel, diffusers.UNet2DConditionModel]:
+
+@pytest.fixture(params=DEVICES)
+def device(request, monkeypatch) -> str:
+    # cuDNN would otherwise run fp32 convolutions in TF32 (10-bit mantissa) and pick different
+    # algorithms for forward and backward on the two sides: the fp32 bars below assume fp32.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    return request.param
+
+
+def _pair(
+    seed: int = 0, device: str = "cpu"
+) -> tuple[UNet2DConditionModel, diffusers.UNet2DConditionModel]:
     """Our UNet and diffusers' with identical random (non-zero, non-default) weights."""
     torch.manual_seed(seed)
     ref = diffusers.UNet2DConditionModel(**tiny_unet_config())
@@ -24,16 +44,17 @@ def _pair(seed: int = 0) -> tuple[UNet2DConditionModel, diffusers.UNet2DConditio
             p.normal_(0.0, 0.2)
     ours = UNet2DConditionModel.from_config(dict(ref.config))
     ours.load_state_dict(ref.state_dict(), strict=True)
-    return ours, ref
+    return ours.to(device), ref.to(device)
 
 
-def _inputs(batch: int = 2, h: int = 12, w: int = 20, seed: int = 1) -> tuple:
+def _inputs(batch: int = 2, h: int = 12, w: int = 20, seed: int = 1, device: str = "cpu") -> tuple:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 4, h, w, generator=g)
-    t = torch.tensor([17, 803][:batch])
-    ctx = torch.randn(batch, 7, 32, generator=g)
+    x = torch.randn(batch, 4, h, w, generator=g).to(device)
+    t = torch.tensor([17, 803][:batch], device=device)
+    ctx = torch.randn(batch, 7, 32, generator=g).to(device)
     time_ids = torch.tensor([[512.0, 384, 0, 12, 1024, 768], [100, 200, 3, 4, 512, 512]][:batch])
-    cond = {"text_embeds": torch.randn(batch, 32, generator=g), "time_ids": time_ids}
+    text_embeds = torch.randn(batch, 32, generator=g)
+    cond = {"text_embeds": text_embeds.to(device), "time_ids": time_ids.to(device)}
     return x, t, ctx, cond
 
 
@@ -41,9 +62,9 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-def test_fp32_parity_nonsquare_per_sample_timesteps():
-    ours, ref = _pair()
-    x, t, ctx, cond = _inputs()
+def test_fp32_parity_nonsquare_per_sample_timesteps(device):
+    ours, ref = _pair(device=device)
+    x, t, ctx, cond = _inputs(device=device)
     with torch.no_grad():
         a = ours(x, t, ctx, cond)
         b = ref(x, t, ctx, added_cond_kwargs=cond).sample
@@ -63,10 +84,10 @@ def test_scalar_timesteps_and_odd_latent_size(timestep):
     assert _rel_err(a, b) <= 1e-6
 
 
-def test_bf16_parity():
-    ours, ref = _pair()
+def test_bf16_parity(device):
+    ours, ref = _pair(device=device)
     ours, ref = ours.to(torch.bfloat16), ref.to(torch.bfloat16)
-    x, t, ctx, cond = _inputs()
+    x, t, ctx, cond = _inputs(device=device)
     x, ctx = x.bfloat16(), ctx.bfloat16()
     cond = {k: v.bfloat16() for k, v in cond.items()}
     with torch.no_grad():
@@ -171,16 +192,16 @@ def test_checkpointing_stores_no_concatenated_skips():
 
 
 @pytest.mark.parametrize("frozen", [True, False], ids=["frozen base", "all trainable"])
-def test_gradients_match_diffusers(frozen):
+def test_gradients_match_diffusers(frozen, device):
     """Backward through our layers (frozen convolutions that keep no input, GroupNorm+SiLU that
     recomputes its map, checkpointed ResNets and transformer blocks) against diffusers' plain
     backward: the gradients of the input and context, and of every trainable parameter."""
-    ours, ref = _pair()
+    ours, ref = _pair(device=device)
     ours.enable_gradient_checkpointing()
     if frozen:  # as under LoRA: the base gets no gradient, the input gradient still flows
         ours.requires_grad_(False)
         ref.requires_grad_(False)
-    x, t, ctx, cond = _inputs()
+    x, t, ctx, cond = _inputs(device=device)
 
     def gradients(model: torch.nn.Module, call) -> tuple[torch.Tensor, ...]:
         inputs = [x.clone().requires_grad_(), ctx.clone().requires_grad_()]
@@ -238,16 +259,17 @@ def test_frozen_convolution_and_groupnorm_silu_keep_less_for_backward():
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16 autocast"])
-def test_frozen_convolution_input_gradient(stride, autocast):
+def test_frozen_convolution_input_gradient(stride, autocast, device):
     """The frozen path computes only the input gradient, from the weight: equal to nn.Conv2d's,
     in channels_last too and under autocast (where the forward runs in bf16)."""
     torch.manual_seed(0)
-    conv = Conv2d(8, 16, 3, stride=stride, padding=1).requires_grad_(False)
-    ref = torch.nn.Conv2d(8, 16, 3, stride=stride, padding=1).requires_grad_(False)
+    conv = Conv2d(8, 16, 3, stride=stride, padding=1, device=device).requires_grad_(False)
+    ref = torch.nn.Conv2d(8, 16, 3, stride=stride, padding=1, device=device).requires_grad_(False)
     ref.load_state_dict(conv.state_dict())
     for memory_format in (torch.contiguous_format, torch.channels_last):
-        x = torch.randn(2, 8, 9, 10).contiguous(memory_format=memory_format).requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        x = torch.randn(2, 8, 9, 10, device=device).contiguous(memory_format=memory_format)
+        x.requires_grad_()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             out, ref_out = conv(x), ref(x)
         g = torch.randn_like(ref_out)
         (grad,) = torch.autograd.grad(out, x, g)
