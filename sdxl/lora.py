@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from sdxl.errors import UserError
 
@@ -31,6 +32,35 @@ class LoRAError(UserError, ValueError):
 
 
 _ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class _LinearOnCastInput(torch.autograd.Function):
+    """F.linear(x.to(weight.dtype), weight), keeping x for backward in its own dtype.
+
+    With a bf16 base and fp32 adapters, autograd would keep the fp32 copy of x that the down
+    projection reads: twice the bytes of x, and one copy per adapter (to_q, to_k and to_v each make
+    their own from the same input). Kept as is, x is one bf16 tensor the three adapters share, and
+    the copy is made again in backward. The cast is exact, so the gradients are the same bits.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.linear(x.to(weight.dtype), weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad = grad.to(weight.dtype)  # a no-op unless the forward ran under autocast
+        grad_x = (grad @ weight).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            # (..., out) and (..., in) flattened to (tokens, out) and (tokens, in)
+            grad_weight = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(
+                weight.dtype
+            )
+        return grad_x, grad_weight
 
 
 class LoRALinear(nn.Module):
@@ -57,10 +87,10 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.up.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Computed in the adapter's dtype (fp32 by default), returned in the caller's.
-        return (self.up(self.down(self.dropout(x.to(self.down.weight.dtype)))) * self.scale).to(
-            x.dtype
-        )
+        # Computed in the adapter's dtype (fp32 by default), returned in the caller's. Dropout, when
+        # on, acts on x in the caller's dtype, so what backward keeps stays in that dtype too.
+        h = _LinearOnCastInput.apply(self.dropout(x), self.down.weight)
+        return (self.up(h) * self.scale).to(x.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scale * up @ down, the (out x in) matrix this adapter adds to the base weight."""

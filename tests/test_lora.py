@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import StableDiffusionXLPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
@@ -82,6 +83,50 @@ def test_adapters_fp32_on_bf16_base_and_on_the_base_device(unet):
             assert wrapper.weight.dtype == torch.bfloat16
             assert wrapper.lora.down.weight.dtype == torch.float32
             assert wrapper.lora.down.weight.device == wrapper.weight.device
+
+
+def test_adapters_keep_one_bf16_input_not_fp32_copies():
+    """to_q, to_k and to_v adapters (fp32) on one bf16 input: backward keeps that input once, in
+    bf16, instead of an fp32 copy per adapter (2 bytes per element against 12); the outputs and
+    gradients equal plain autograd on the cast input."""
+    torch.manual_seed(0)
+    wrappers = [LoRALinearWrapper(torch.nn.Linear(64, 48).to(torch.bfloat16), 4, 8) for _ in "qkv"]
+    for w in wrappers:
+        w.requires_grad_(False)
+        w.lora.requires_grad_(True)
+        torch.nn.init.normal_(w.lora.up.weight)  # non-zero, so down gets a gradient too
+    x = torch.randn(4, 128, 64, dtype=torch.bfloat16, requires_grad=True)
+    weights = [p for w in wrappers for p in (w.lora.down.weight, w.lora.up.weight)]
+    parameters = {p.data_ptr() for w in wrappers for p in w.parameters()}
+
+    def plain(w: LoRALinearWrapper, x: torch.Tensor) -> torch.Tensor:  # autograd does the casts
+        lora = w.lora
+        return F.linear(x, w.weight, w.bias) + (lora.up(lora.down(x.float())) * lora.scale).to(
+            x.dtype
+        )
+
+    def run(layer) -> tuple[list[torch.Tensor], int]:
+        saved: dict[int, int] = {}  # storage -> bytes, parameters left out
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.data_ptr() not in parameters:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            outs = [layer(w, x) for w in wrappers]
+        loss = sum((o.float() ** 2).sum() for o in outs)
+        return [*outs, *torch.autograd.grad(loss, [x, *weights])], sum(saved.values())
+
+    ours, ours_bytes = run(lambda w, x: w(x))
+    ref, ref_bytes = run(plain)
+    for a, b in zip(ours, ref):
+        assert a.dtype == b.dtype
+        assert torch.equal(a, b)
+    # Beyond x itself, each side keeps only the rank-4 hidden states (3 x 4 x 128 x 4 fp32).
+    small = 3 * 4 * 128 * 4 * 4
+    assert ours_bytes <= x.numel() * 2 + small
+    assert ref_bytes >= x.numel() * 12
 
 
 def test_save_load_round_trip_exact(tiny_model, unet):
