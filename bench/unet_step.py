@@ -13,7 +13,8 @@ peak of the bytes malloc has handed out and not yet had back (glibc's mallinfo2,
 continuously by a second thread during one extra, untimed step), minus the same at the start of
 that step: what the step itself needs (saved activations, recompute buffers, gradients), without
 allocator retention; the CPU counterpart of `torch.cuda.max_memory_allocated`. With `--device cuda`
-"peak" is `max_memory_reserved` and "step live" is `max_memory_allocated` above the step's start.
+"peak" is `max_memory_reserved` from the start of training (after the weights are built) and "step
+live" is `max_memory_allocated` above the step's start.
 
     uv run python bench/unet_step.py --config tiny
     uv run python bench/unet_step.py --config sdxl --latent 64 --repeats 2
@@ -194,6 +195,11 @@ def child(args: argparse.Namespace) -> None:
     }
     t = torch.tensor([500], device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        # The peak counts from here, the start of training: otherwise the caching allocator keeps
+        # the weight fill's fp32 scratch reserved, and the "peak" would be that, not the steps.
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
     def step() -> float:
         start = time.perf_counter()
@@ -212,11 +218,12 @@ def child(args: argparse.Namespace) -> None:
     times = [step() for _ in range(args.steps)]
     live: int | None
     if device.type == "cuda":
+        peak = torch.cuda.max_memory_reserved()  # warm-up and timed steps
         start = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         step()
         live = torch.cuda.max_memory_allocated() - start
-        peak = torch.cuda.max_memory_reserved()
+        peak = max(peak, torch.cuda.max_memory_reserved())
     else:
         live = live_peak_during(step)
         peak = proc_status("VmHWM")
