@@ -54,13 +54,11 @@ class _LinearOnCastInput(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad = grad.to(weight.dtype)  # a no-op unless the forward ran under autocast
         grad_x = (grad @ weight).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = None
+        grad_w = None
         if ctx.needs_input_grad[1]:
-            # (..., out) and (..., in) flattened to (tokens, out) and (tokens, in)
-            grad_weight = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(
-                weight.dtype
-            )
-        return grad_x, grad_weight
+            # (out, tokens) @ (tokens, in): the leading dims of grad and x flattened into tokens
+            grad_w = grad.flatten(0, -2).T @ x.flatten(0, -2).to(weight.dtype)
+        return grad_x, grad_w
 
 
 class LoRALinear(nn.Module):
