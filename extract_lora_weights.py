@@ -19,15 +19,15 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from sdxl.errors import UserError, run_cli
+from sdxl.files import atomic_write
 from sdxl.lora_formats import FORMATS, save_lora_file
-from sdxl.weights import read_safetensors
+from training.checkpoint import adapter_modules, load_checkpoint, unet_weights
 from training.precision_util import DTYPES
-from training.train_util import checkpoint_lora_modules, load_checkpoint
 
 
 def main(args: argparse.Namespace) -> Path:
     checkpoint = Path(args.checkpoint)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint, mmap=True)
     suffix = f"_{args.format}" + ("_ema" if args.ema else "")
     output = (
         Path(args.output)
@@ -41,17 +41,15 @@ def main(args: argparse.Namespace) -> Path:
             raise UserError(
                 "a full fine-tuning checkpoint exports its UNet in native format only, without --ema"
             )
-        state = read_safetensors(checkpoint.parent / ckpt["unet_file"], dtype)
-        tmp = output.with_name(output.name + ".tmp")
-        save_file(state, tmp, metadata={"format": "pt", **{k: str(v) for k, v in info.items()}})
-        tmp.replace(output)
+        state = unet_weights(ckpt, checkpoint, dtype)
+        with atomic_write(output) as tmp:
+            metadata = {"format": "pt", **{k: str(v) for k, v in info.items()}}
+            save_file(state, tmp, metadata=metadata)
     else:
         lora = ckpt["lora_config"]
         info.update(rank=lora["rank"], alpha=lora["alpha"], target_mode=lora["target_mode"])
         layers = ckpt["unet_config"]["layers_per_block"]  # kohya names count blocks per level
-        save_lora_file(
-            output, checkpoint_lora_modules(ckpt, args.ema), args.format, info, dtype, layers
-        )
+        save_lora_file(output, adapter_modules(ckpt, args.ema), args.format, info, dtype, layers)
     print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {args.format}, {args.dtype})")
     return output
 

@@ -26,18 +26,18 @@ from tqdm import tqdm
 
 from sampling.inference import (
     Pipeline,
-    apply_lora_file,
+    apply_lora,
     generate_unique_batch,
-    lora_base_model,
     read_prompt_file,
     to_pil,
 )
-from sdxl.diffusion import SAMPLERS
+from sampling.samplers import SAMPLERS
 from sdxl.errors import UserError, run_cli
+from sdxl.files import atomic_write, write_json
 from sdxl.pretrained import DEFAULT_MODEL, load_sdxl, resolve_model
 from sdxl.unet import UNet2DConditionModel, config_from_diffusers
-from training.precision_util import DTYPES
-from training.train_util import atomic_write_json
+from training.checkpoint import read_lora_weights, recorded_base_model
+from training.precision_util import resolve_device, resolve_precision
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -73,13 +73,14 @@ def check_lora_fits(lora: Path, model_folder: Path) -> None:
     config = json.loads((model_folder / "unet" / "config.json").read_text())
     with torch.device("meta"):
         unet = UNet2DConditionModel(config_from_diffusers(config))
-    apply_lora_file(unet, lora, merge=False)
+    apply_lora(unet, read_lora_weights(lora, unet), merge=False)
 
 
 def save_image(pixels: torch.Tensor, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    to_pil(pixels).save(tmp, format="PNG")
-    tmp.replace(path)  # the .png appears last: its presence means the image is finished
+    with atomic_write(
+        path
+    ) as tmp:  # the .png appears last: its presence means the image is finished
+        to_pil(pixels).save(tmp, format="PNG")
 
 
 def main(args: argparse.Namespace) -> Path:
@@ -93,7 +94,7 @@ def main(args: argparse.Namespace) -> Path:
     lora = Path(args.lora_checkpoint) if args.lora_checkpoint else None
     if lora is not None and not lora.is_file():
         raise UserError(f"LoRA file {lora} does not exist")
-    base = args.pretrained_model or (lora_base_model(lora) if lora else None) or DEFAULT_MODEL
+    base = args.pretrained_model or (recorded_base_model(lora) if lora else None) or DEFAULT_MODEL
     model_folder = resolve_model(base)
     if lora is not None:
         check_lora_fits(lora, model_folder)
@@ -101,28 +102,20 @@ def main(args: argparse.Namespace) -> Path:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(args.num_images) if not (out / f"{i:05d}.png").exists()]
-    atomic_write_json(
-        {**vars(args), "base_model": str(model_folder)}, out / "generation_config.json"
-    )
+    write_json({**vars(args), "base_model": str(model_folder)}, out / "generation_config.json")
     if not todo:
         print(f"all {args.num_images} images already in {out}")
         return out
 
     # -- models --------------------------------------------------------------------------------
-    device = torch.device(
-        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    precision = (
-        args.precision
-        if args.precision != "auto"
-        else ("fp16" if device.type == "cuda" else "fp32")
-    )
-    parts = load_sdxl(model_folder, DTYPES[precision], device, vae_folder=args.vae)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    parts = load_sdxl(model_folder, precision.unet_dtype, device, vae_folder=args.vae)
     if lora is not None:
-        apply_lora_file(parts.unet, lora, args.lora_scale)
+        apply_lora(parts.unet, read_lora_weights(lora, parts.unet), args.lora_scale)
     parts.unet.to(memory_format=torch.channels_last)
     pipe = Pipeline(
-        parts.unet, parts.text_encoder, parts.vae, parts.schedule, device, DTYPES[precision]
+        parts.unet, parts.text_encoder, parts.vae, parts.schedule, device, precision.compute_dtype
     )
 
     # -- generation ----------------------------------------------------------------------------
@@ -162,8 +155,9 @@ def main(args: argparse.Namespace) -> Path:
                 "lora": str(lora) if lora else None,
                 "lora_scale": args.lora_scale,
             }
-            (out / f"{i:05d}.txt").write_text(prompt + "\n")
-            atomic_write_json(meta, out / f"{i:05d}.json")
+            with atomic_write(out / f"{i:05d}.txt") as tmp:
+                tmp.write_text(prompt + "\n")
+            write_json(meta, out / f"{i:05d}.json")
             save_image(image, out / f"{i:05d}.png")
         done += len(indices)
         bar.update(len(indices))
@@ -228,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         default="auto",
         choices=["auto", "bf16", "fp16", "fp32"],
-        help="UNet precision (auto: fp16 on CUDA, fp32 on the CPU)",
+        help="UNet precision (auto: bf16 on CUDA, fp32 on the CPU)",
     )
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     return p

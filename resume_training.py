@@ -21,25 +21,9 @@ from pathlib import Path
 
 import train_sdxl
 from sdxl.errors import UserError
-from training.train_util import CheckpointError, load_checkpoint
+from training.checkpoint import find_checkpoints
 
 ROOT = Path(__file__).resolve().parent
-
-
-def checkpoints(folder: Path) -> list[tuple[Path, dict]]:
-    """Every loadable checkpoint in the folder, oldest first by (step, file time)."""
-    folder = folder.resolve()
-    if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder of checkpoints")
-    found = []
-    for path in sorted(folder.glob("*.pt")):
-        try:
-            found.append((path, load_checkpoint(path)))
-        except CheckpointError as e:
-            print(f"warning: skipping {e}", file=sys.stderr)
-    if not found:
-        raise UserError(f"no loadable training checkpoint (.pt) in {folder}")
-    return sorted(found, key=lambda pc: (pc[1]["step"], pc[0].stat().st_mtime))
 
 
 def config_to_argv(config: dict) -> list[str]:
@@ -72,10 +56,10 @@ def describe(path: Path, ckpt: dict) -> str:
 
 def main(args: argparse.Namespace) -> int:
     if args.list:
-        for path, ckpt in checkpoints(Path(args.list)):
+        for path, ckpt in find_checkpoints(Path(args.list)):
             print(describe(path, ckpt))
         return 0
-    path, ckpt = checkpoints(Path(args.auto))[-1]
+    path, ckpt = find_checkpoints(Path(args.auto))[-1]
     config = ckpt["config"]
     command = [
         sys.executable,

@@ -1,6 +1,6 @@
 """Fine-tune SDXL's UNet with LoRA (or fully) on image + caption pairs.
 
-A complete run on a CPU in about a minute (the tiny random SDXL and the shipped example data):
+A complete run on a CPU (the tiny random SDXL and the shipped example data):
 
     uv run python train_sdxl.py --pretrained_model tiny --data_dir examples/shapes --use_lora \\
         --image_size 64 --max_train_steps 30 --output_dir outputs/tiny
@@ -12,87 +12,67 @@ LoRA on the real SDXL base at 512 px, on one GPU with under 12 GB:
         --output_dir ./outputs --pretrained_model ./weights/sdxl-base-1.0 --image_size 512
 
 Outputs in --output_dir: config.json (the resolved arguments), metrics.jsonl, step / epoch / lowest-loss
-checkpoints (`lora_step000100_<time>.pt`, ...). Resume with --resume CHECKPOINT or resume_training.py.
+checkpoints (`lora_step000100_<time>.pt`, ...; training/checkpoint.py describes them). Resume with
+--resume CHECKPOINT or resume_training.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import signal
+import itertools
+import math
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from PIL import Image
-from safetensors.torch import save_file
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from sampling.inference import Pipeline, generate_unique_batch, read_prompt_file, to_pil
+from sampling.inference import Pipeline, generate_unique_batch, image_grid, read_prompt_file
 from sdxl.errors import run_cli
-from sdxl.lora import TARGET_MODES, apply_lora_to_unet, get_lora_state_dict, load_lora_state_dict
-from sdxl.pretrained import DEFAULT_MODEL, cache_root, load_sdxl, resolve_model
-from sdxl.weights import read_safetensors
-from training.cache import CachedLatents, CachedText, folder_identity
+from sdxl.files import atomic_write, write_json
+from sdxl.lora import TARGET_MODES
+from sdxl.pretrained import DEFAULT_MODEL, SDXLParts, cache_root, load_sdxl, resolve_model
+from training.cache import encoders
+from training.checkpoint import (
+    checkpoint_path,
+    load_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+    save_checkpoints,
+)
 from training.data_loader import (
-    DataError,
     TrainingData,
     assign_buckets,
-    batches,
-    collate,
-    samples_per_epoch,
+    bucket_table,
+    fixed_batches,
+    optimizer_steps,
     scan,
+    split_validation,
+    steps_per_epoch,
 )
-from training.ema import EMA
+from training.distributed import init_distributed
 from training.precision_util import resolve_precision
 from training.train_loop import (
     Trainer,
+    TrainingError,
     TrainState,
-    min_snr_weight,
-    offset_noise,
-    train_epoch,
+    build_trainer,
+    train_step,
     validate,
 )
-from training.train_util import (
-    MetricsLog,
-    atomic_torch_save,
-    atomic_write_json,
-    load_checkpoint,
-    lr_lambda,
-    prune_step_checkpoints,
-    rng_state,
-    set_rng_state,
-    timestamp,
-)
-
-
-def split_records(records: list, fraction: float, seed: int) -> tuple[list, list]:
-    """A fixed validation subset (the same for every run with this seed) and the training rest."""
-    if fraction <= 0:
-        return records, []
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, int(len(records) * fraction))
-    val = {i for i in order[:n_val]}
-    return [r for i, r in enumerate(records) if i not in val], [
-        r for i, r in enumerate(records) if i in val
-    ]
+from training.train_util import MetricsLog, StopSignals
 
 
 def main(args: argparse.Namespace) -> Path:
     """Train; returns the path of the last checkpoint written."""
-    # -- everything that can fail on bad input, before any model is loaded ---------------------
+    # -- set-up, in the order that fails fastest on bad input: data, processes, model, outputs --
     records = scan(args.data_dir)
-    train_records, val_records = split_records(records, args.validation_split, args.seed)
-    rank, world, device = init_distributed(args.device)
-    main_process = rank == 0
-    samples_per_step = args.batch_size * world * args.gradient_accumulation_steps
+    train_records, val_records = split_validation(records, args.validation_split, args.seed)
+    dist = init_distributed(args.device)
     buckets = assign_buckets(train_records, args.image_size) if args.bucket else None
+    if buckets and dist.main:
+        print(bucket_table(buckets))
     data = TrainingData(
         train_records,
         args.image_size,
@@ -102,347 +82,158 @@ def main(args: argparse.Namespace) -> Path:
         args.seed,
         buckets,
     )
-    epoch_samples = samples_per_epoch(data, args.batch_size * world)
-    steps_per_epoch = epoch_samples // samples_per_step
-    if buckets and main_process:
-        print_bucket_table(buckets)
-    if steps_per_epoch == 0:
-        raise DataError(
-            f"{len(train_records)} training images are fewer than --batch_size x processes x "
-            f"--gradient_accumulation_steps = {samples_per_step}; lower them or add images"
-        )
-    max_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
-    read_validation_prompts(args.validation_prompts)
+    val_data = TrainingData(val_records, args.image_size, center_crop=True, seed=args.seed)
+    epoch_steps = steps_per_epoch(
+        data, args.batch_size, dist.world, args.gradient_accumulation_steps
+    )
+    max_steps = args.max_train_steps or args.num_epochs * epoch_steps
+    prompts = read_prompt_file(args.validation_prompts) if args.validation_prompts else []
     resume = load_checkpoint(args.resume) if args.resume else None
     model_folder = resolve_model(args.pretrained_model)
-    precision = resolve_precision(args.precision, device, full_finetune=not args.use_lora)
+    precision = resolve_precision(args.precision, dist.device, full_finetune=not args.use_lora)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    cache_dir = Path(args.cache_dir) if args.cache_dir else cache_root() / "cache"
     config = {  # plain values only: it goes into checkpoints loaded with weights_only=True
         **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "base_model": str(model_folder),
         "resolved_precision": precision.name,
-        "resolved_device": str(device),
-        "processes": world,
+        "resolved_device": str(dist.device),
+        "processes": dist.world,
     }
-    if main_process:
-        atomic_write_json(config, output_dir / "config.json")
+    if dist.main:
+        write_json(config, output_dir / "config.json")
 
-    # -- models ----------------------------------------------------------------------------------
+    # -- models, encoders (or caches), optimizer, and a resumed run's state ----------------------
     torch.manual_seed(args.seed)
-    parts = load_sdxl(model_folder, precision.unet_dtype, device, precision.text_dtype, args.vae)
-    unet = parts.unet
-    if args.use_lora:
-        apply_lora_to_unet(
-            unet, args.lora_rank, args.lora_alpha, args.lora_target_mode, args.lora_dropout
-        )
-    else:
-        unet.requires_grad_(True)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.to(memory_format=torch.channels_last)  # the layout fast convolution kernels want
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=args.learning_rate, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
+    parts = load_sdxl(
+        model_folder, precision.unet_dtype, dist.device, precision.text_dtype, args.vae
     )
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(args.lr_scheduler, args.lr_warmup_steps, max_steps)
+    data, val_data, encode_images, encode_text = encoders(
+        parts,
+        data,
+        val_data,
+        args.cache_latents,
+        args.cache_text_embeddings,
+        Path(args.cache_dir) if args.cache_dir else cache_root() / "cache",
+        dist,
     )
-    ema = (
-        EMA([(n, p) for n, p in unet.named_parameters() if p.requires_grad], args.ema_decay)
-        if args.use_ema
-        else None
-    )
-    # Data parallel: DDP averages the gradients of the processes (NCCL on GPUs, gloo on the CPU).
-    model = (
-        DistributedDataParallel(unet, device_ids=[device] if device.type == "cuda" else None)
-        if world > 1
-        else unet
-    )
-    tr = Trainer(
-        unet=unet,
-        vae=parts.vae,
-        schedule=parts.schedule,
-        precision=precision,
-        params=params,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        scaler=precision.grad_scaler(),
-        device=device,
-        encode_images=parts.vae.moments,
-        encode_text=parts.text_encoder.encode,
-        seed=args.seed,
-        model=model,
-        no_sync=model.no_sync if world > 1 else contextlib.nullcontext,
-        grad_accum=args.gradient_accumulation_steps,
-        max_grad_norm=args.max_grad_norm,
-        loss_weight=min_snr_weight(parts.schedule, args.snr_gamma),
-        make_noise=offset_noise(args.noise_offset),
-        after_step=ema.update if ema is not None else (lambda: None),
-    )
-    state = TrainState()
-    if resume is not None:
-        restore(resume, tr, ema, state, Path(args.resume).parent)
-
-    val_data = TrainingData(val_records, args.image_size, center_crop=True, seed=args.seed)
-    if args.cache_latents:  # the first process writes the cache, the others then read it
-        with first_process_first(world, main_process):
-            vae_id = folder_identity(Path(args.vae or model_folder / "vae"))
-            data = CachedLatents(data, parts.vae, cache_dir, vae_id)
-            val_data = CachedLatents(val_data, parts.vae, cache_dir, vae_id)
-        tr.encode_images = lambda moments: moments  # the batches carry the posterior moments
-    if args.cache_text_embeddings:
-        with first_process_first(world, main_process):
-            text_id = folder_identity(model_folder / "text_encoder") + folder_identity(
-                model_folder / "text_encoder_2"
-            )
-            captions = [r.caption for r in train_records + val_records]
-            tr.encode_text = CachedText(captions, parts.text_encoder, cache_dir, text_id, device)
-    if args.cache_latents and args.cache_text_embeddings and not args.validation_prompts:
+    if args.cache_latents and args.cache_text_embeddings and not prompts:
         parts.vae.to("cpu")  # not needed on the device any more
         parts.text_encoder.to("cpu")
-    val_batches = [
-        collate([val_data[(i, i)] for i in range(s, min(s + args.batch_size, len(val_data)))])
-        for s in range(0, len(val_data), args.batch_size)
-    ]
+    tr = build_trainer(args, parts, encode_images, encode_text, precision, dist, max_steps)
+    state = TrainState()
+    if resume is not None:
+        restore_checkpoint(resume, Path(args.resume), tr, state)
+    val_batches = fixed_batches(val_data, args.batch_size)
+    steps = optimizer_steps(
+        data,
+        args.batch_size,
+        args.gradient_accumulation_steps,
+        state.epoch,
+        state.position,
+        dist.rank,
+        dist.world,
+        args.num_workers,
+    )
 
-    # -- the loop --------------------------------------------------------------------------------
-    # Only the first process writes: metrics, W&B, checkpoints, validation images.
+    # -- the loop: one optimizer step an iteration; only the first process writes ----------------
+    samples_per_step = args.batch_size * dist.world * args.gradient_accumulation_steps
+    last, saved_step = output_dir, -1
     metrics = MetricsLog(
-        output_dir / "metrics.jsonl" if main_process else None, args.wandb_project, config
+        output_dir / "metrics.jsonl" if dist.main else None, args.wandb_project, config
     )
-    validation_prompts = read_validation_prompts(args.validation_prompts)
+    bar = tqdm(total=max_steps, initial=state.step, desc="train", disable=not dist.main)
+    with metrics, bar, StopSignals() as stop:
+        tick = time.perf_counter()
+        for micro_batches, epoch, position in itertools.islice(steps, max_steps - state.step):
+            loss, grad_norm = torch.stack(train_step(tr, micro_batches)).tolist()  # one device sync
+            if not math.isfinite(loss):
+                raise TrainingError(
+                    f"loss is {loss}; stopping without saving "
+                    "(try a lower --learning_rate, or --precision bf16/fp32)"
+                )
+            tock, tick = tick, time.perf_counter()
+            record = {
+                "step": state.step + 1,
+                "epoch": state.epoch,
+                "loss": loss,
+                "lr": tr.lr_scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "images_per_s": samples_per_step / (tick - tock),
+            }
+            epoch_done = epoch > state.epoch
+            state.advance(loss, epoch, position)
 
-    def validation_images(step: int) -> None:
-        """Fixed-seed images of the validation prompts, as one PNG grid (EMA weights if kept)."""
-        if ema is not None:
-            ema.swap()
-        pipe = Pipeline(
-            unet, parts.text_encoder, parts.vae, parts.schedule, device, precision.compute_dtype
-        )
-        seeds = [args.seed + i for i in range(len(validation_prompts))]
-        images = generate_unique_batch(
-            pipe,
-            validation_prompts,
-            seeds,
-            args.image_size,
-            args.image_size,
-            args.validation_sampling_steps,
-        )
-        if ema is not None:
-            ema.swap()
-        path = output_dir / f"validation_step{step:06d}.png"
-        image_grid(images).save(path)
-        metrics.log_image("validation", path, step)
+            if dist.main and args.validation_steps and state.step % args.validation_steps == 0:
+                if val_batches:
+                    record["val_loss"] = validate(tr, val_batches)
+                if prompts:
+                    path = output_dir / f"validation_step{state.step:06d}.png"
+                    metrics.log_image(
+                        "validation", validation_images(tr, parts, prompts, args, path), state.step
+                    )
+            metrics.log(record)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
+            bar.update(1)
 
-    lora_config = {
-        "rank": args.lora_rank,
-        "alpha": args.lora_alpha,
-        "target_mode": args.lora_target_mode,
-    }
+            kinds = ["step"] * bool(args.save_interval and state.step % args.save_interval == 0)
+            kinds += ["epoch"] * epoch_done
+            if dist.main and kinds:
+                tracked = (
+                    record["val_loss"]
+                    if "val_loss" in record
+                    else tracked_loss(tr, state, val_batches)
+                )
+                last = save_checkpoints(
+                    output_dir, kinds, tr, state, config, tracked, args.keep_last
+                )
+                saved_step = state.step
+            if dist.any(stop.received is not None):  # every process stops at the same step
+                if dist.main:
+                    path = checkpoint_path(output_dir, "step", state, args.use_lora)
+                    last = save_checkpoint(path, tr, state, config)
+                print(
+                    f"\nstopped by signal at step {state.step}; checkpoint: {last}", file=sys.stderr
+                )
+                break
+        else:  # the final state, unless just saved
+            if dist.main and saved_step != state.step:
+                tracked = tracked_loss(tr, state, val_batches)
+                last = save_checkpoints(
+                    output_dir, ["step"], tr, state, config, tracked, args.keep_last
+                )
+    dist.close()
+    return last
 
-    def save(kind: str) -> Path:
-        ts = timestamp()
-        name = {
-            "step": f"lora_step{state.step:06d}_{ts}",
-            "epoch": f"lora_epoch{state.epoch:04d}_{ts}",
-            "lowest": f"lora_step{state.step:06d}_lowest_loss",
-        }[kind]
-        ckpt = {
-            "format_version": 1,
-            "step": state.step,
-            "epoch": state.epoch,
-            "position": state.position,
-            "smoothed_loss": state.smoothed_loss,
-            "best_loss": state.best_loss,
-            "lora": get_lora_state_dict(unet) if args.use_lora else None,
-            "lora_config": lora_config if args.use_lora else None,
-            "unet_config": asdict(unet.config),
-            "unet_file": None,
-            "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict(),
-            "scaler": tr.scaler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "rng": rng_state(),
-            "config": config,
-            "base_model": str(model_folder),
-            "timestamp": ts,
-        }
-        if not args.use_lora:  # the full UNet goes beside the checkpoint, as safetensors
-            unet_file = output_dir / (name.replace("lora_", "unet_", 1) + ".safetensors")
-            tmp = unet_file.with_name(unet_file.name + ".tmp")
-            save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, tmp)
-            tmp.replace(unet_file)
-            ckpt["unet_file"] = unet_file.name
-        path = output_dir / f"{name}.pt"
-        atomic_torch_save(ckpt, path)
-        return path
 
-    def checkpoint_event(kind: str) -> Path:
-        """A step or epoch checkpoint, plus a lowest-loss one when the tracked loss improved."""
-        path = save(kind)
-        tracked = validate(tr, val_batches, seed=args.seed) if val_batches else state.smoothed_loss
-        if tracked is not None and tracked < state.best_loss:
-            state.best_loss = tracked
-            for old in output_dir.glob("lora_step*_lowest_loss.pt"):
-                old.unlink()
-            save("lowest")
-        if kind == "step":
-            prune_step_checkpoints(output_dir, args.keep_last)
-        return path
+def tracked_loss(tr: Trainer, state: TrainState, val_batches: list) -> float | None:
+    """What the lowest-loss checkpoint follows: the validation loss, or without validation data the
+    smoothed training loss."""
+    return validate(tr, val_batches) if val_batches else state.smoothed_loss
 
-    stop = {"signal": None}
 
-    def request_stop(signum: int, _frame: object) -> None:
-        stop["signal"] = signum
-
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = tqdm(
-        total=max_steps,
-        initial=state.step,
-        desc="train",
-        dynamic_ncols=True,
-        disable=not main_process,
+def validation_images(
+    tr: Trainer, parts: SDXLParts, prompts: list[str], args: argparse.Namespace, path: Path
+) -> Path:
+    """Fixed-seed images of the validation prompts, as one PNG grid (with the EMA weights if kept)."""
+    if tr.ema is not None:
+        tr.ema.swap()
+    pipe = Pipeline(
+        tr.unet,
+        parts.text_encoder,
+        parts.vae,
+        parts.schedule,
+        tr.device,
+        tr.precision.compute_dtype,
     )
-    last: dict = {"time": time.perf_counter(), "path": None, "saved_step": -1}
-
-    def on_step(st: TrainState, loss: float, grad_norm: float) -> None:
-        now = time.perf_counter()
-        ips = samples_per_step / (now - last["time"])
-        last["time"] = now
-        lr = lr_scheduler.get_last_lr()[0]
-        record = {
-            "step": st.step,
-            "epoch": st.epoch,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "images_per_s": ips,
-        }
-        if main_process and args.validation_steps and st.step % args.validation_steps == 0:
-            if val_batches:
-                record["val_loss"] = validate(tr, val_batches, seed=args.seed)
-            if validation_prompts:
-                validation_images(st.step)
-        metrics.log(record)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.2f}")
-        bar.update(1)
-        if main_process and args.save_interval and st.step % args.save_interval == 0:
-            last["path"], last["saved_step"] = checkpoint_event("step"), st.step
-        if stop_requested(
-            stop["signal"] is not None, world
-        ):  # every process stops at the same step
-            last["path"] = save("step") if main_process else None
-            raise KeyboardInterrupt
-
-    try:
-        while state.step < max_steps:
-            epoch = batches(
-                data, args.batch_size, state.epoch, state.position, rank, world, args.num_workers
-            )
-            train_epoch(tr, state, epoch, samples_per_step, max_steps, on_step)
-            if epoch_samples - state.position >= samples_per_step:
-                break  # stopped mid-epoch by --max_train_steps
-            state.epoch += 1
-            state.position = 0
-            if main_process:
-                last["path"], last["saved_step"] = checkpoint_event("epoch"), state.step
-        if main_process and last["saved_step"] != state.step:  # the final state, unless just saved
-            last["path"] = checkpoint_event("step")
-    except KeyboardInterrupt:
-        print(
-            f"\nstopped by signal at step {state.step}; checkpoint: {last['path']}", file=sys.stderr
-        )
-    finally:
-        bar.close()
-        metrics.close()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if world > 1:
-            dist.destroy_process_group()
-    return Path(last["path"]) if last["path"] else output_dir
-
-
-def init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL
-    with one GPU per process, gloo on the CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
-    if world == 1:
-        return (
-            0,
-            1,
-            torch.device(device_arg if device_arg != "auto" else ("cuda" if cuda else "cpu")),
-        )
-    local_rank = int(os.environ["LOCAL_RANK"])
-    dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return dist.get_rank(), world, device
-
-
-def stop_requested(local: bool, world: int) -> bool:
-    """Whether any process was asked to stop (a signal reaches each process at its own moment)."""
-    if world == 1:
-        return local
-    flag = torch.tensor([float(local)])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-@contextlib.contextmanager
-def first_process_first(world: int, main_process: bool) -> Iterator[None]:
-    """Run the block on the first process, then on the others (e.g. filling a shared cache)."""
-    if world > 1 and not main_process:
-        dist.barrier()
-    yield
-    if world > 1 and main_process:
-        dist.barrier()
-
-
-def print_bucket_table(buckets: list[tuple[int, int]]) -> None:
-    counts: dict[tuple[int, int], int] = {}
-    for b in buckets:
-        counts[b] = counts.get(b, 0) + 1
-    print("aspect-ratio buckets (width x height: images):")
-    for (w, h), n in sorted(counts.items()):
-        print(f"  {w:5d} x {h:<5d} {n}")
-
-
-def read_validation_prompts(path: str | None) -> list[str]:
-    return [] if path is None else read_prompt_file(path)
-
-
-def image_grid(images: torch.Tensor) -> Image.Image:
-    """(N, 3, H, W) in [0, 1] -> one PIL image, up to 4 per row."""
-    n, _, h, w = images.shape
-    cols = min(4, n)
-    rows = (n + cols - 1) // cols
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i, img in enumerate(images):
-        grid.paste(to_pil(img), ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
-def restore(ckpt: dict, tr: Trainer, ema: EMA | None, state: TrainState, folder: Path) -> None:
-    """Put a run back exactly where a checkpoint left it."""
-    if ckpt["lora"] is not None:
-        load_lora_state_dict(tr.unet, ckpt["lora"])
-    else:
-        weights = read_safetensors(
-            folder / ckpt["unet_file"], next(tr.unet.parameters()).dtype, tr.device
-        )
-        tr.unet.load_state_dict(weights)
-    tr.optimizer.load_state_dict(ckpt["optimizer"])
-    tr.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-    tr.scaler.load_state_dict(ckpt["scaler"])
-    if ema is not None and ckpt["ema"] is not None:
-        ema.load_state_dict(ckpt["ema"])
-    set_rng_state(ckpt["rng"])
-    state.step, state.epoch, state.position = ckpt["step"], ckpt["epoch"], ckpt["position"]
-    state.smoothed_loss, state.best_loss = ckpt["smoothed_loss"], ckpt["best_loss"]
+    seeds = [args.seed + i for i in range(len(prompts))]
+    size, steps = args.image_size, args.validation_sampling_steps
+    images = generate_unique_batch(pipe, prompts, seeds, size, size, steps)
+    if tr.ema is not None:
+        tr.ema.swap()
+    with atomic_write(path) as tmp:
+        image_grid(images).save(tmp, format="PNG")
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -28,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sdxl.lora import apply_lora_to_unet
+import train_sdxl
 from sdxl.pretrained import (
     clip_byte_vocab,
     load_sdxl,
@@ -37,10 +38,11 @@ from sdxl.pretrained import (
     tiny_configs,
     write_random_sdxl,
 )
-from training.cache import CachedLatents, CachedText
+from training.cache import encoders
 from training.data_loader import TrainingData, collate, scan
-from training.precision_util import resolve_precision
-from training.train_loop import Trainer, diffusion_loss
+from training.distributed import Distributed
+from training.precision_util import resolve_device, resolve_precision
+from training.train_loop import build_trainer, micro_batch_loss, optimizer_update
 
 
 def mid_sdxl() -> Path:
@@ -79,49 +81,36 @@ def mid_sdxl() -> Path:
 
 
 def main(args: argparse.Namespace) -> None:
-    device = torch.device(
-        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    device = resolve_device(args.device)
+    dist = Distributed(0, 1, device)
     folder = mid_sdxl() if args.model == "mid" else resolve_model(args.model)
-    precision = resolve_precision(args.precision, device, full_finetune=False)
+    precision = resolve_precision(args.precision, device)
     parts = load_sdxl(folder, precision.unet_dtype, device, precision.text_dtype)
-    unet = parts.unet
-    apply_lora_to_unet(unet, args.rank, args.rank, "attention")
-    unet.enable_gradient_checkpointing()
-    unet.to(memory_format=torch.channels_last)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    tr = Trainer(
-        unet=unet,
-        vae=parts.vae,
-        schedule=parts.schedule,
-        precision=precision,
-        params=params,
-        optimizer=opt,
-        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-        scaler=precision.grad_scaler(),
-        device=device,
-        encode_images=parts.vae.moments,
-        encode_text=parts.text_encoder.encode,
-    )
     data = TrainingData(scan(args.data_dir), args.image_size, random_flip=True)
-    results = {"uncached": run("uncached", args, tr, unet, opt, data, device, precision)}
+    # The training script's own options (LoRA on the attention projections, alpha = rank,
+    # gradient checkpointing on), so that the bench measures the step train_sdxl.py runs.
+    options = train_sdxl.build_parser().parse_args(
+        ["--data_dir", args.data_dir, "--use_lora", "--lora_rank", str(args.rank),
+         "--lora_alpha", str(args.rank), "--batch_size", str(args.batch_size)]
+    )  # fmt: skip
+    tr = build_trainer(
+        options, parts, parts.vae.moments, parts.text_encoder.encode, precision, dist, 1000
+    )
+    results = {"uncached": run("uncached", args, tr, data, precision)}
     with tempfile.TemporaryDirectory() as cache:
-        cached = CachedLatents(data, parts.vae, Path(cache), "bench")
-        tr.encode_text = CachedText(
-            [r.caption for r in data.records], parts.text_encoder, Path(cache), "bench", device
+        cached, _, encode_images, encode_text = encoders(
+            parts, data, data, True, True, Path(cache), dist
         )
-        tr.encode_images = lambda moments: moments
-        results["cached latents + text"] = run(
-            "cached", args, tr, unet, opt, cached, device, precision
-        )
+        # The same model and optimizer, with the cache's encoders.
+        tr = dataclasses.replace(tr, encode_images=encode_images, encode_text=encode_text)
+        results["cached latents + text"] = run("cached", args, tr, cached, precision)
     ratio = results["uncached"] / results["cached latents + text"]
     print(f"cached / uncached images/s: {ratio:.2f}x")
 
 
-def run(kind: str, args, tr, unet, opt, data, device, precision) -> float:
+def run(kind: str, args, tr, data, precision) -> float:
     """Time the parts of `args.steps` steps; print the breakdown; return the step time."""
-    g = torch.Generator(device).manual_seed(0)
+    device = tr.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = defaultdict(list)
 
@@ -139,20 +128,18 @@ def run(kind: str, args, tr, unet, opt, data, device, precision) -> float:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
         with timed("data"):
-            idx = [(step * args.batch_size + i) % len(data) for i in range(args.batch_size)]
-            images, time_ids, captions, _ = collate([data[(i, i)] for i in idx])
-        with timed("vae encode"):  # cached: only the posterior sample
-            latents = tr.vae.sample(tr.encode_images(images.to(device)), g)
+            ids = [(step * args.batch_size + i) % len(data) for i in range(args.batch_size)]
+            images, time_ids, captions, sample_ids = collate([data[(i, i)] for i in ids])
+        with timed("vae encode"):  # cached: nothing but the copy to the device
+            moments = tr.encode_images(images.to(device))
         with timed("text encode"):
             context, pooled = tr.encode_text(captions)
         with timed("unet fwd+bwd"):
-            noise = torch.randn(latents.shape, generator=g, device=device)
-            t = torch.randint(0, 1000, (latents.shape[0],), generator=g, device=device)
-            loss = diffusion_loss(tr, unet, latents, context, pooled, time_ids.to(device), t, noise)
-            loss.mean().backward()
+            seeds = torch.tensor(sample_ids, dtype=torch.int64, device=device)
+            inputs = (moments, context, pooled, time_ids.to(device), seeds)
+            micro_batch_loss(tr, inputs).backward()
         with timed("optimizer"):
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_update(tr)
 
     total = sum(statistics.median(v) for v in times.values())
     print(

@@ -2,7 +2,8 @@
 
 `generate_unique_batch` makes one image per prompt, each from its own seed: image i's starting noise is
 drawn from a generator seeded with seeds[i] alone, so an image is the same whatever batch it is in.
-`generate` is several images of one prompt (seeds seed, seed + 1, ...).
+The samplers are in sampling/samplers.py; LoRA files are read by the scripts (a training checkpoint
+through training/checkpoint.py, an exported file through sdxl/lora_formats.py) and applied here.
 
 Classifier-free guidance runs the unconditional and conditional halves in one batched UNet call:
 eps = eps_uncond + w (eps_cond - eps_uncond). Without a negative prompt SDXL's unconditional
@@ -17,15 +18,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from sdxl.diffusion import SAMPLERS, EpsModel, NoiseSchedule
+from sampling.samplers import SAMPLERS, EpsModel, randn
+from sdxl.diffusion import NoiseSchedule
 from sdxl.errors import UserError
 from sdxl.lora import merge_lora
-from sdxl.lora_formats import LoRAModules, attach_lora, read_lora_file
+from sdxl.lora_formats import LoRAModules, attach_lora
 from sdxl.text_encoders import SDXLTextEncoder
 from sdxl.unet import UNet2DConditionModel
 from sdxl.vae import SDXLVAE
-from sdxl.weights import WeightsError, read_safetensors, read_safetensors_header
-from training.train_util import checkpoint_lora_modules, load_checkpoint
 
 
 @dataclass
@@ -90,8 +90,7 @@ def generate_unique_batch(
         context, pooled = torch.cat([neg_context, context]), torch.cat([neg_pooled, pooled])
         time_ids = torch.cat([time_ids, time_ids])
     generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds]
-    shape = (1, 4, height // 8, width // 8)
-    noise = torch.cat([torch.randn(shape, generator=g, device=pipe.device) for g in generators])
+    noise = randn((B, 4, height // 8, width // 8), generators, pipe.device, torch.float32)
     eps = guided(pipe.unet, context, pooled, time_ids, guidance_scale, pipe.dtype)
     latents = SAMPLERS[sampler](eps, noise, pipe.schedule, steps, generators)
     images = pipe.vae.decode(latents.float())  # fp32 decode: the SDXL VAE overflows in fp16
@@ -103,15 +102,19 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray((image.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy())
 
 
-def generate(pipe: Pipeline, prompt: str, num_images: int, seed: int, **kwargs) -> torch.Tensor:
-    """Several images of one prompt, from seeds seed, seed + 1, ..."""
-    return generate_unique_batch(
-        pipe, [prompt] * num_images, [seed + i for i in range(num_images)], **kwargs
-    )
+def image_grid(images: torch.Tensor) -> Image.Image:
+    """(N, 3, H, W) in [0, 1] -> one PIL image, up to 4 per row."""
+    n, _, h, w = images.shape
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, img in enumerate(images):
+        grid.paste(to_pil(img), ((i % cols) * w, (i // cols) * h))
+    return grid
 
 
 # ---------------------------------------------------------------------------------------------
-# LoRA files for generation
+# Prompt files and LoRAs
 # ---------------------------------------------------------------------------------------------
 
 
@@ -126,35 +129,15 @@ def read_prompt_file(path: str | Path) -> list[str]:
     return prompts
 
 
-def lora_base_model(path: str | Path) -> str | None:
-    """The base model a LoRA checkpoint or exported file records, if any."""
-    path = Path(path)
-    if path.suffix == ".pt":
-        return load_checkpoint(path).get("base_model")
-    return read_safetensors_header(path)[0].get("__metadata__", {}).get("base_model")
-
-
-def read_lora_any(
-    path: str | Path, unet: UNet2DConditionModel
-) -> LoRAModules | dict[str, torch.Tensor]:
-    """A training checkpoint (.pt) or an exported safetensors file in any supported format ->
-    LoRA modules; a full fine-tuning checkpoint -> the UNet state dict it references."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"LoRA file {path} does not exist")
-    if path.suffix != ".pt":
-        return read_lora_file(path, unet)
-    ckpt = load_checkpoint(path)
-    if ckpt["lora"] is None:
-        return read_safetensors(path.parent / ckpt["unet_file"])
-    return checkpoint_lora_modules(ckpt)
-
-
-def apply_lora_file(
-    unet: UNet2DConditionModel, path: str | Path, scale: float = 1.0, merge: bool = True
+def apply_lora(
+    unet: UNet2DConditionModel,
+    weights: LoRAModules | dict[str, torch.Tensor],
+    scale: float = 1.0,
+    merge: bool = True,
 ) -> None:
-    """Load a LoRA (any format, or a training checkpoint) into the UNet, merged for speed."""
-    weights = read_lora_any(path, unet)
+    """Put a LoRA into the UNet, merged for speed (one matmul per layer instead of three); `weights`
+    as training/checkpoint.py's `read_lora_weights` returns them: adapters, or for a full fine-tune
+    the whole UNet's state dict."""
     if all(isinstance(v, tuple) for v in weights.values()):
         attach_lora(unet, weights, scale)  # type: ignore[arg-type]
         if merge:

@@ -123,14 +123,6 @@ class LoRALinearWrapper(nn.Module):
             )
             self.merged = True
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.weight.copy_(
-                (self.weight.float() - self.lora.delta_weight()).to(self.weight.dtype)
-            )
-            self.merged = False
-
 
 def _is_target(name: str, target_mode: str) -> bool:
     if target_mode == "attention":
@@ -176,10 +168,6 @@ def lora_modules(unet: nn.Module) -> Iterator[tuple[str, LoRALinearWrapper]]:
             yield name, module
 
 
-def lora_parameters(unet: nn.Module) -> list[nn.Parameter]:
-    return [p for _, w in lora_modules(unet) for p in w.lora.parameters()]
-
-
 def get_lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter tensors: `<module>.lora.down.weight` and `<module>.lora.up.weight`."""
     return {k: v for k, v in unet.state_dict().items() if ".lora." in k}
@@ -211,8 +199,3 @@ def load_lora_state_dict(unet: nn.Module, state_dict: dict[str, torch.Tensor]) -
 def merge_lora(unet: nn.Module) -> None:
     for _, wrapper in lora_modules(unet):
         wrapper.merge()
-
-
-def unmerge_lora(unet: nn.Module) -> None:
-    for _, wrapper in lora_modules(unet):
-        wrapper.unmerge()

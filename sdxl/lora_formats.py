@@ -29,7 +29,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sdxl.lora import LoRAError, LoRALinearWrapper, lora_modules
+from sdxl.files import atomic_write
+from sdxl.lora import LoRAError, LoRALinearWrapper
 from sdxl.unet import UNet2DConditionModel
 from sdxl.weights import read_safetensors, read_safetensors_header
 
@@ -39,11 +40,18 @@ LoRAModules = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 FORMATS = ("native", "diffusers", "kohya")
 
 
-def modules_from_unet(unet: nn.Module) -> LoRAModules:
-    """The adapters of a wrapped UNet, as (down, up, alpha) per module path."""
+def modules_from_state_dict(
+    weights: dict[str, torch.Tensor],
+    alpha: float,
+    suffixes: tuple[str, str] = (".lora.down.weight", ".lora.up.weight"),
+) -> LoRAModules:
+    """A state dict of `<path><down suffix>` / `<path><up suffix>` pairs (by default ours, as
+    `get_lora_state_dict` returns it) -> LoRAModules, every adapter with the given alpha."""
+    down, up = suffixes
     return {
-        name: (w.lora.down.weight.detach(), w.lora.up.weight.detach(), float(w.lora.alpha))
-        for name, w in lora_modules(unet)
+        key.removesuffix(down): (value, weights[key.removesuffix(down) + up], alpha)
+        for key, value in weights.items()
+        if key.endswith(down)
     }
 
 
@@ -159,10 +167,8 @@ def save_lora_file(
     if fmt == "kohya":  # what kohya-based tools display
         metadata.setdefault("ss_network_dim", str(info.get("rank", "")))
         metadata.setdefault("ss_network_alpha", str(info.get("alpha", "")))
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,26 +218,24 @@ def from_state_dict(
             )
         return modules
     if fmt == "native":
-        for key, down in tensors.items():
-            if key.endswith(".lora.down.weight"):
-                path = key.removesuffix(".lora.down.weight")
-                alpha = float(metadata.get("alpha", down.shape[0]))
-                modules[path] = (down, tensors[f"{path}.lora.up.weight"], alpha)
-        return modules
+        modules = modules_from_state_dict(tensors, 0.0)
+        return {
+            p: (d, u, float(metadata.get("alpha", d.shape[0]))) for p, (d, u, _) in modules.items()
+        }
     config = {}
     if "lora_adapter_metadata" in metadata:
         raw = json.loads(metadata["lora_adapter_metadata"])
         config = {k.removeprefix("unet."): v for k, v in raw.items() if k.startswith("unet.")}
-    for key, down in tensors.items():
-        for down_suffix, up_suffix in (
-            (".lora_A.weight", ".lora_B.weight"),
-            (".lora.down.weight", ".lora.up.weight"),
-        ):
-            if key.startswith("unet.") and key.endswith(down_suffix):
-                path = key.removeprefix("unet.").removesuffix(down_suffix)
-                rank = down.shape[0]
-                alpha = config.get("alpha_pattern", {}).get(path, config.get("lora_alpha", rank))
-                modules[path] = (down, tensors[f"unet.{path}{up_suffix}"], float(alpha))
+    unet_tensors = {k.removeprefix("unet."): v for k, v in tensors.items() if k.startswith("unet.")}
+    # peft's names, or the older ones diffusers also wrote
+    for suffixes in (
+        (".lora_A.weight", ".lora_B.weight"),
+        (".lora.down.weight", ".lora.up.weight"),
+    ):
+        for path, (d, u, _) in modules_from_state_dict(unet_tensors, 0.0, suffixes).items():
+            rank = d.shape[0]
+            alpha = config.get("alpha_pattern", {}).get(path, config.get("lora_alpha", rank))
+            modules[path] = (d, u, float(alpha))
     return modules
 
 

@@ -82,6 +82,7 @@ class SDXLParts:
     vae: SDXLVAE
     schedule: NoiseSchedule
     folder: Path
+    vae_folder: Path
 
 
 def load_sdxl(
@@ -94,14 +95,16 @@ def load_sdxl(
     """Every component of a checked SDXL folder: UNet in `unet_dtype`, VAE in fp32, text encoders in
     fp16 on CUDA (fp32 on the CPU) unless `text_dtype` says otherwise."""
     index = json.loads((folder / "model_index.json").read_text())
+    vae_folder = Path(vae_folder or folder / "vae")
     return SDXLParts(
         unet=load_unet(folder / "unet", unet_dtype, device),
         text_encoder=SDXLTextEncoder.from_pretrained(
             folder, text_dtype, device, bool(index.get("force_zeros_for_empty_prompt", True))
         ),
-        vae=SDXLVAE.from_pretrained(vae_folder or folder / "vae", torch.float32, device),
+        vae=SDXLVAE.from_pretrained(vae_folder, torch.float32, device),
         schedule=NoiseSchedule.from_config(folder / "scheduler" / "scheduler_config.json"),
         folder=folder,
+        vae_folder=vae_folder,
     )
 
 
@@ -218,9 +221,8 @@ def write_random_sdxl(folder: Path, configs: dict[str, dict], seed: int = 0) -> 
 
     unet = UNet2DConditionModel(config_from_diffusers(configs["unet"]))
     with torch.no_grad():
-        for (
-            p
-        ) in unet.parameters():  # non-trivial norms and biases, so parity tests see every weight
+        # Non-trivial norms and biases, so that parity tests see every weight.
+        for p in unet.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     (tmp / "unet").mkdir()
     (tmp / "unet" / "config.json").write_text(json.dumps(configs["unet"], indent=2))

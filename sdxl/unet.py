@@ -134,7 +134,7 @@ def _per_level(name: str, value: Any) -> tuple[int, int, int]:
         and all(isinstance(v, int) for v in value)
     ):
         return (value[0], value[1], value[2])
-    raise ValueError(f"unet config: {name} must be an int or a list of 3 ints, got {value!r}")
+    raise WeightsError(f"unet config: {name} must be an int or a list of 3 ints, got {value!r}")
 
 
 def config_from_diffusers(config: dict[str, Any]) -> UNetConfig:
@@ -149,12 +149,12 @@ def config_from_diffusers(config: dict[str, Any]) -> UNetConfig:
             if key == "upcast_attention" and value is False:
                 same = True
             if not same:
-                raise ValueError(
+                raise WeightsError(
                     f"unet config: {key}={value!r} is not supported; this UNet implements SDXL's "
                     f"structure only ({key}={allowed!r})"
                 )
         elif key not in _FREE_KEYS:
-            raise ValueError(f"unet config: unknown key {key!r}; this UNet implements SDXL only")
+            raise WeightsError(f"unet config: unknown key {key!r}; this UNet implements SDXL only")
     kwargs: dict[str, Any] = {}
     for key, field_name in _FREE_KEYS.items():
         if key in config:
@@ -163,15 +163,15 @@ def config_from_diffusers(config: dict[str, Any]) -> UNetConfig:
         if name in kwargs:
             kwargs[name] = _per_level(name, kwargs[name])
     if not isinstance(kwargs.get("layers_per_block", 2), int):
-        raise ValueError("unet config: layers_per_block must be a single int")
+        raise WeightsError("unet config: layers_per_block must be a single int")
     cfg = UNetConfig(**kwargs)
     for ch, heads in zip(cfg.block_out_channels, cfg.num_heads):
         if ch % cfg.norm_num_groups:
-            raise ValueError(
+            raise WeightsError(
                 f"unet config: {ch} channels are not divisible by {cfg.norm_num_groups} groups"
             )
         if ch % heads:
-            raise ValueError(f"unet config: {ch} channels are not divisible by {heads} heads")
+            raise WeightsError(f"unet config: {ch} channels are not divisible by {heads} heads")
     return cfg
 
 

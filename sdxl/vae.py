@@ -1,4 +1,4 @@
-"""SDXL's VAE: diffusers' AutoencoderKL, kept in fp32, behind an encode/decode pair in latent units.
+"""SDXL's VAE: diffusers' AutoencoderKL, kept in fp32, behind moments / sample / decode in latent units.
 
 SDXL's latents are the VAE's posterior samples times 0.13025 (`scaling_factor` in vae/config.json; SD 1.x
 used 0.18215), which brings them to roughly unit variance for the diffusion model. The VAE runs in fp32:
@@ -14,11 +14,10 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-from sdxl.diffusion import Generators, randn
-
 
 class SDXLVAE(nn.Module):
-    """encode: images in [-1, 1] (B, 3, H, W) -> latents (B, 4, H/8, W/8); decode: the inverse."""
+    """moments + sample: images in [-1, 1] (B, 3, H, W) -> latents (B, 4, H/8, W/8); decode: the
+    inverse."""
 
     def __init__(self, vae: AutoencoderKL):
         super().__init__()
@@ -49,16 +48,12 @@ class SDXLVAE(nn.Module):
         dist = self.vae.encode(images).latent_dist
         return torch.cat([dist.mean, dist.logvar], dim=1)
 
-    def sample(self, moments: torch.Tensor, generator: Generators = None) -> torch.Tensor:
-        """A sample of the posterior given its moments (training draws one, as SDXL was trained),
-        times the scaling factor."""
+    def sample(self, moments: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The posterior sample mean + std * eps (training draws one per image, as SDXL was
+        trained), times the scaling factor: the latents the UNet sees. eps: unit Gaussian noise
+        shaped like the mean (B, 4, H/8, W/8)."""
         mean, logvar = moments.chunk(2, dim=1)
-        eps = randn(mean.shape, generator, mean.device, mean.dtype)
-        return (mean + torch.exp(0.5 * logvar) * eps) * self.scaling_factor
-
-    def encode(self, images: torch.Tensor, generator: Generators = None) -> torch.Tensor:
-        """Images in [-1, 1] -> a scaled posterior sample."""
-        return self.sample(self.moments(images), generator)
+        return (mean + torch.exp(0.5 * logvar) * eps.to(mean.dtype)) * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,9 @@ import torch
 from conftest import SDXL_CONFIGS
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 
-from sdxl.diffusion import SAMPLERS, NoiseSchedule
+from sampling.samplers import SAMPLERS
+from sdxl.diffusion import NoiseSchedule
+from sdxl.errors import UserError
 
 CONFIG = SDXL_CONFIGS / "scheduler" / "scheduler_config.json"
 REFERENCE = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler, "ddpm": DDPMScheduler}
@@ -93,5 +95,5 @@ def test_per_sample_generators_make_noise_batch_independent():
 def test_unsupported_schedule_rejected():
     with pytest.raises(ValueError, match="timestep_spacing"):
         NoiseSchedule.from_config({"timestep_spacing": "trailing"})
-    with pytest.raises(ValueError, match="steps must be"):
+    with pytest.raises(UserError, match="steps must be"):
         NoiseSchedule.scaled_linear().timesteps(0)

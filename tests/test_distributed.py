@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, train_argv
 
 import train_sdxl
-from training.train_util import load_checkpoint
+from training.checkpoint import load_checkpoint
 
 
 def flags(tiny_model, out, batch_size, *extra):
@@ -70,9 +70,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_model, tmp_path
         (ddp / "metrics.jsonl").read_text().splitlines()
     ) == 5
     a, b = newest(single, 5), newest(ddp, 5)
-    assert (
-        b["config"]["processes"] == 2 and b["position"] == a["position"] == 2
-    )  # 5 steps x 2 samples, 8 an epoch
+    # 5 steps x 2 samples, 8 an epoch
+    assert b["config"]["processes"] == 2 and b["position"] == a["position"] == 2
     for k in a["lora"]:
         # Same samples, noise and timesteps; only the order of floating-point sums differs
         # (all-reduce of two half-batch gradients): stated tolerance 1e-5 absolute (measured below 1e-6).

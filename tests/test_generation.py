@@ -11,12 +11,13 @@ from diffusers import StableDiffusionXLPipeline
 
 import generate_images
 import train_sdxl
-from sampling.inference import Pipeline, apply_lora_file, generate, generate_unique_batch
+from sampling.inference import Pipeline, apply_lora, generate_unique_batch
 from sdxl.errors import UserError
-from sdxl.lora import apply_lora_to_unet, lora_parameters
-from sdxl.lora_formats import modules_from_unet, save_lora_file
+from sdxl.lora import apply_lora_to_unet, get_lora_state_dict
+from sdxl.lora_formats import modules_from_state_dict, save_lora_file
 from sdxl.pretrained import load_sdxl
 from sdxl.unet import load_unet
+from training.checkpoint import read_lora_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle on a white background", "a blue square"]
@@ -25,7 +26,7 @@ PROMPTS = ["a red circle on a white background", "a blue square"]
 def our_pipeline(tiny_model, lora=None):
     parts = load_sdxl(tiny_model, torch.float32)
     if lora is not None:
-        apply_lora_file(parts.unet, lora)
+        apply_lora(parts.unet, read_lora_weights(lora, parts.unet))
     return Pipeline(
         parts.unet,
         parts.text_encoder,
@@ -43,10 +44,11 @@ def lora_file(tiny_model, tmp_path_factory):
     apply_lora_to_unet(unet, rank=4, alpha=8, target_mode="attention")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in lora_parameters(unet):
+        for p in (p for n, p in unet.named_parameters() if ".lora." in n):
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     path = tmp_path_factory.mktemp("lora") / "lora.safetensors"
-    save_lora_file(path, modules_from_unet(unet), "diffusers", {"rank": 4, "alpha": 8})
+    modules = modules_from_state_dict(get_lora_state_dict(unet), 8.0)
+    save_lora_file(path, modules, "diffusers", {"rank": 4, "alpha": 8})
     return path
 
 
@@ -95,8 +97,8 @@ def test_image_does_not_depend_on_batch(tiny_model, sampler):
     )
     alone = generate_unique_batch(pipe, ["a green circle"], [7], 64, 64, steps=3, sampler=sampler)
     torch.testing.assert_close(batch[2:], alone, rtol=0, atol=1e-5)
-    again = generate(
-        pipe, "a green circle", 2, seed=7, height=64, width=64, steps=3, sampler=sampler
+    again = generate_unique_batch(
+        pipe, ["a green circle"] * 2, [7, 8], 64, 64, steps=3, sampler=sampler
     )
     torch.testing.assert_close(again[:1], alone, rtol=0, atol=1e-5)
 

@@ -13,11 +13,9 @@ from sdxl.lora import (
     apply_lora_to_unet,
     get_lora_state_dict,
     load_lora_state_dict,
-    lora_parameters,
     merge_lora,
-    unmerge_lora,
 )
-from sdxl.lora_formats import attach_lora, modules_from_unet, read_lora_file, save_lora_file
+from sdxl.lora_formats import attach_lora, modules_from_state_dict, read_lora_file, save_lora_file
 from sdxl.unet import UNet2DConditionModel, load_unet
 
 
@@ -32,10 +30,14 @@ def inputs(seed: int = 0, batch: int = 2):
     return x, torch.tensor([100, 700][:batch]), ctx, cond
 
 
+def adapter_parameters(unet) -> list[torch.nn.Parameter]:
+    return [p for n, p in unet.named_parameters() if ".lora." in n]
+
+
 def randomize_adapters(unet, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in lora_parameters(unet):
+        for p in adapter_parameters(unet):
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
@@ -157,23 +159,19 @@ def test_load_rejects_other_rank_and_targets(tiny_model, unet):
         load_lora_state_dict(narrow, state)
 
 
-def test_merge_equals_unmerged_and_unmerge_restores(unet):
+def test_merge_equals_unmerged_and_merges_once(unet):
     apply_lora_to_unet(unet, rank=4, alpha=16, target_mode="all")
     randomize_adapters(unet)
     x, t, ctx, cond = inputs()
-    weights = {k: v.clone() for k, v in unet.state_dict().items() if ".lora." not in k}
     with torch.no_grad():
         unmerged = unet(x, t, ctx, cond)
         merge_lora(unet)
         merged = unet(x, t, ctx, cond)
-        unmerge_lora(unet)
+        merge_lora(unet)  # a second merge is a no-op
         again = unet(x, t, ctx, cond)
     # fp32: merging reorders sums, so equal to ~1e-5 relative (stated bar).
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5 * unmerged.abs().max().item())
-    torch.testing.assert_close(again, unmerged, rtol=1e-5, atol=1e-5 * unmerged.abs().max().item())
-    for k, v in unet.state_dict().items():
-        if k in weights:
-            torch.testing.assert_close(v, weights[k], rtol=0, atol=1e-6)
+    assert torch.equal(again, merged)
 
 
 @pytest.mark.parametrize(
@@ -190,7 +188,7 @@ def test_full_size_counts_on_meta(sdxl_unet_config, mode, rank, expected):
         unet = UNet2DConditionModel.from_config(sdxl_unet_config)
     wrapped = apply_lora_to_unet(unet, rank=rank, alpha=rank, target_mode=mode)
     assert len(wrapped) == {"attention": 560, "attention_out": 140, "all": 722}[mode]
-    assert sum(p.numel() for p in lora_parameters(unet)) == expected
+    assert sum(p.numel() for p in adapter_parameters(unet)) == expected
     assert sum(p.numel() for p in unet.parameters() if p.requires_grad) == expected
 
 
@@ -208,9 +206,8 @@ def test_exported_file_loads_in_diffusers(tmp_path, tiny_model, unet, fmt, mode)
     apply_lora_to_unet(unet, rank=4, alpha=12, target_mode=mode)  # alpha != rank: scale 3
     randomize_adapters(unet)
     path = tmp_path / f"lora_{fmt}.safetensors"
-    save_lora_file(
-        path, modules_from_unet(unet), fmt, {"rank": 4, "alpha": 12, "target_mode": mode}
-    )
+    modules = modules_from_state_dict(get_lora_state_dict(unet), 12.0)
+    save_lora_file(path, modules, fmt, {"rank": 4, "alpha": 12, "target_mode": mode})
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model, dtype=torch.float32)
     pipe.load_lora_weights(path)
     x, t, ctx, cond = inputs()
@@ -219,9 +216,8 @@ def test_exported_file_loads_in_diffusers(tmp_path, tiny_model, unet, fmt, mode)
     ref = diffusers_unet_output(pipe, x, t, ctx, cond)
     plain = load_unet(tiny_model / "unet")
     with torch.no_grad():
-        assert not torch.allclose(
-            plain(x, t, ctx, cond), ours, atol=1e-3
-        )  # the LoRA does something
+        # the LoRA does something
+        assert not torch.allclose(plain(x, t, ctx, cond), ours, atol=1e-3)
     # fp32, LoRA computed in the same order by peft: stated bar 1e-5 relative.
     torch.testing.assert_close(ref, ours, rtol=1e-5, atol=1e-5 * ours.abs().max().item())
 
@@ -231,9 +227,8 @@ def test_own_files_load_back(tmp_path, tiny_model, unet, fmt):
     apply_lora_to_unet(unet, rank=4, alpha=2, target_mode="all")
     randomize_adapters(unet)
     path = tmp_path / "lora.safetensors"
-    save_lora_file(
-        path, modules_from_unet(unet), fmt, {"rank": 4, "alpha": 2, "target_mode": "all"}
-    )
+    modules = modules_from_state_dict(get_lora_state_dict(unet), 2.0)
+    save_lora_file(path, modules, fmt, {"rank": 4, "alpha": 2, "target_mode": "all"})
     other = load_unet(tiny_model / "unet")
     attach_lora(other, read_lora_file(path, other))
     x, t, ctx, cond = inputs()

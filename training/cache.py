@@ -13,13 +13,22 @@ moot. Caption dropout still works: the empty prompt's embedding is cached too.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from training.data_loader import Record, TrainingData, load_image, prepare, sample_seed
+from sdxl.files import atomic_write
+from sdxl.pretrained import SDXLParts
+from training.data_loader import TrainingData, record_bytes, sample_seed
+from training.distributed import Distributed
+
+# images, or cached moments -> VAE posterior moments (B, 8, h, w)
+ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
+# captions -> (context (B, 77, 2048), pooled (B, 1280))
+TextEncoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 
 
 def folder_identity(folder: Path) -> str:
@@ -38,9 +47,8 @@ def folder_identity(folder: Path) -> str:
 
 
 def _write(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
 
 
 class CachedLatents(TrainingData):
@@ -60,38 +68,22 @@ class CachedLatents(TrainingData):
         folder.mkdir(parents=True, exist_ok=True)
         self.files: list[Path] = []
         for i, record in enumerate(tqdm(self.records, desc="caching latents", dynamic_ncols=True)):
-            image = load_image(record)
+            content = record_bytes(record)
             # One crop / flip per image for the whole run, drawn from the seed and the image's index.
             g = torch.Generator().manual_seed(sample_seed(self.seed, -1 - i))
-            pixels, time_ids = prepare(
-                image, self.targets[i], self.center_crop, self.random_flip, g
-            )
+            pixels, time_ids = super().image(i, g)
             key = hashlib.sha256(
-                _content(record) + f"{self.targets[i]}{time_ids.tolist()}{vae_id}".encode()
+                hashlib.sha256(content).digest()
+                + f"{self.targets[i]}{time_ids.tolist()}{vae_id}".encode()
             ).hexdigest()[:32]
             path = folder / f"{key}.safetensors"
             if not path.is_file():
                 _write({"moments": vae.moments(pixels[None])[0], "time_ids": time_ids}, path)
             self.files.append(path)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, str, int]:
-        i, sample_id = item
+    def image(self, i: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         entry = load_file(self.files[i])
-        g = torch.Generator().manual_seed(sample_seed(self.seed, sample_id))
-        caption = (
-            ""
-            if torch.rand(1, generator=g).item() < self.caption_dropout
-            else self.records[i].caption
-        )
-        return entry["moments"], entry["time_ids"], caption, sample_id
-
-
-def _content(record: Record) -> bytes:
-    if record.offset >= 0:
-        with open(record.path, "rb") as f:
-            f.seek(record.offset)
-            return hashlib.sha256(f.read(record.length)).digest()
-    return hashlib.sha256(record.path.read_bytes()).digest()
+        return entry["moments"], entry["time_ids"]
 
 
 class CachedText:
@@ -112,13 +104,44 @@ class CachedText:
                 _write({"context": context[0], "pooled": pooled[0]}, path)
 
     def _path(self, caption: str) -> Path:
-        return (
-            self.folder
-            / f"{hashlib.sha256((caption + self.text_id).encode()).hexdigest()[:32]}.safetensors"
-        )
+        digest = hashlib.sha256((caption + self.text_id).encode()).hexdigest()[:32]
+        return self.folder / f"{digest}.safetensors"
 
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         entries = [load_file(self._path(c)) for c in captions]
         context = torch.stack([e["context"] for e in entries]).to(self.device)
         pooled = torch.stack([e["pooled"] for e in entries]).to(self.device)
         return context, pooled
+
+
+def moments_as_given(moments: torch.Tensor) -> torch.Tensor:
+    """The image encoder of a run with cached latents: the batches already carry the moments."""
+    return moments
+
+
+def encoders(
+    parts: SDXLParts,
+    data: TrainingData,
+    val_data: TrainingData,
+    cache_latents: bool,
+    cache_text: bool,
+    cache_dir: Path,
+    dist: Distributed,
+) -> tuple[TrainingData, TrainingData, ImageEncoder, TextEncoder]:
+    """Decide once how a run encodes its batches: the VAE and text encoders on the fly, or cache
+    files written now (by the first process; the others then read them). Returns the training and
+    validation data (their items carry moments when latents are cached) and the two encoders."""
+    encode_images: ImageEncoder = parts.vae.moments
+    encode_text: TextEncoder = parts.text_encoder.encode
+    with dist.first_process_first():
+        if cache_latents:
+            vae_id = folder_identity(parts.vae_folder)
+            data = CachedLatents(data, parts.vae, cache_dir, vae_id)
+            val_data = CachedLatents(val_data, parts.vae, cache_dir, vae_id)
+            encode_images = moments_as_given
+        if cache_text:
+            text_id = folder_identity(parts.folder / "text_encoder")
+            text_id += folder_identity(parts.folder / "text_encoder_2")
+            captions = [r.caption for r in data.records + val_data.records]
+            encode_text = CachedText(captions, parts.text_encoder, cache_dir, text_id, dist.device)
+    return data, val_data, encode_images, encode_text

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -120,12 +121,21 @@ def _scan_shards(shards: list[Path]) -> tuple[list[Record], int]:
     return records, skipped
 
 
+def record_bytes(record: Record) -> bytes:
+    """The image file's bytes: the whole file, or its member's byte range inside the shard."""
+    with open(record.path, "rb") as f:
+        if record.offset < 0:
+            return f.read()
+        f.seek(record.offset)
+        return f.read(record.length)
+
+
+def open_image(record: Record) -> Image.Image:
+    return Image.open(io.BytesIO(record_bytes(record)))
+
+
 def load_image(record: Record) -> Image.Image:
-    if record.offset >= 0:
-        with open(record.path, "rb") as f:
-            f.seek(record.offset)
-            return Image.open(io.BytesIO(f.read(record.length))).convert("RGB")
-    with Image.open(record.path) as im:
+    with open_image(record) as im:
         return im.convert("RGB")
 
 
@@ -177,20 +187,37 @@ def bucket_sizes(image_size: int, max_ratio: float = 4.0) -> list[tuple[int, int
 
 def assign_buckets(records: list[Record], image_size: int) -> list[tuple[int, int]]:
     """Each record's bucket: the one whose aspect ratio is closest to the image's (in log space)."""
-    import math
-
     sizes = bucket_sizes(image_size)
     out = []
     for record in records:
-        if record.offset >= 0:
-            with open(record.path, "rb") as f:
-                f.seek(record.offset)
-                w, h = Image.open(io.BytesIO(f.read(record.length))).size
-        else:
-            with Image.open(record.path) as im:
-                w, h = im.size
+        with open_image(record) as im:
+            w, h = im.size
         out.append(min(sizes, key=lambda s: abs(math.log(s[0] / s[1]) - math.log(w / h))))
     return out
+
+
+# (pixels (B, 3, H, W) or cached VAE moments (B, 8, h, w), time ids (B, 6), captions, sample ids (B,))
+Batch = tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]
+
+
+def split_validation(records: list[Record], fraction: float, seed: int) -> tuple[list, list]:
+    """The training records and a fixed validation subset (the same for every run with this seed)."""
+    if fraction <= 0:
+        return records, []
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    val = set(order[: max(1, int(len(records) * fraction))])
+    return [r for i, r in enumerate(records) if i not in val], [
+        r for i, r in enumerate(records) if i in val
+    ]
+
+
+def bucket_table(buckets: list[tuple[int, int]]) -> str:
+    """How many images each bucket holds, as printed at the start of a bucketed run."""
+    counts: dict[tuple[int, int], int] = {}
+    for b in buckets:
+        counts[b] = counts.get(b, 0) + 1
+    lines = [f"  {w:5d} x {h:<5d} {n}" for (w, h), n in sorted(counts.items())]
+    return "\n".join(["aspect-ratio buckets (width x height: images):", *lines])
 
 
 class TrainingData(torch.utils.data.Dataset):
@@ -219,14 +246,21 @@ class TrainingData(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, str, int]:
         i, sample_id = item
         g = torch.Generator().manual_seed(sample_seed(self.seed, sample_id))
-        record = self.records[i]
-        pixels, time_ids = prepare(
-            load_image(record), self.targets[i], self.center_crop, self.random_flip, g
-        )
         # Caption dropout: the empty prompt, so the model also learns the unconditional branch of
-        # classifier-free guidance.
-        caption = "" if torch.rand(1, generator=g).item() < self.caption_dropout else record.caption
-        return pixels, time_ids, caption, sample_id
+        # classifier-free guidance. Drawn first, so it does not depend on how the image is made.
+        caption = (
+            ""
+            if torch.rand(1, generator=g).item() < self.caption_dropout
+            else self.records[i].caption
+        )
+        image, time_ids = self.image(i, g)
+        return image, time_ids, caption, sample_id
+
+    def image(self, i: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record i's training input and time ids, with its random crop and flip drawn from g."""
+        return prepare(
+            load_image(self.records[i]), self.targets[i], self.center_crop, self.random_flip, g
+        )
 
 
 def sample_seed(seed: int, sample_id: int) -> int:
@@ -247,7 +281,7 @@ def batches(
     rank: int = 0,
     world: int = 1,
     workers: int = 0,
-) -> Iterator:
+) -> Iterator[Batch]:
     """This process's batches of one epoch, from sample `start` of the epoch (a resumed epoch).
 
     The epoch's shuffled order is cut into global batches of `batch_size * world` samples, each from
@@ -283,16 +317,56 @@ def batches(
     return iter(loader)
 
 
-def samples_per_epoch(data: TrainingData, global_batch: int) -> int:
-    """How many samples an epoch uses (full global batches of each bucket)."""
+def steps_per_epoch(data: TrainingData, batch_size: int, world: int, grad_accum: int) -> int:
+    """Optimizer steps in one epoch: full global batches of each bucket, then full accumulations
+    (an incomplete accumulation at the end of the epoch is dropped)."""
     counts: dict[tuple[int, int], int] = {}
     for t in data.targets:
         counts[t] = counts.get(t, 0) + 1
-    return sum(n // global_batch * global_batch for n in counts.values())
+    global_batches = sum(n // (batch_size * world) for n in counts.values())
+    steps = global_batches // grad_accum
+    if steps == 0:
+        raise DataError(
+            f"{len(data)} training images are fewer than --batch_size x processes x "
+            f"--gradient_accumulation_steps = {batch_size * world * grad_accum}; lower them or add images"
+        )
+    return steps
 
 
-def collate(
-    items: list[tuple[torch.Tensor, torch.Tensor, str, int]],
-) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
+def optimizer_steps(
+    data: TrainingData,
+    batch_size: int,
+    grad_accum: int,
+    epoch: int,
+    position: int,
+    rank: int = 0,
+    world: int = 1,
+    workers: int = 0,
+) -> Iterator[tuple[list[Batch], int, int]]:
+    """The micro-batches of every optimizer step from (epoch, position) on, epoch after epoch,
+    without end. Yields (micro-batches, epoch, position): the step's `grad_accum` batches of this
+    process, and where the run stands after the step (the next epoch and 0 after an epoch's last
+    step). `position` counts the samples of the epoch's order consumed by all processes."""
+    per_step = batch_size * world * grad_accum
+    per_epoch = steps_per_epoch(data, batch_size, world, grad_accum) * per_step
+    while True:
+        loader = batches(data, batch_size, epoch, position, rank, world, workers)
+        while position < per_epoch:
+            micro = [next(loader) for _ in range(grad_accum)]
+            position += per_step
+            epoch_done = position == per_epoch
+            yield micro, epoch + epoch_done, 0 if epoch_done else position
+        epoch, position = epoch + 1, 0
+
+
+def fixed_batches(data: TrainingData, batch_size: int) -> list[Batch]:
+    """Every item once, in order, each with its index as sample id (validation)."""
+    return [
+        collate([data[(i, i)] for i in range(s, min(s + batch_size, len(data)))])
+        for s in range(0, len(data), batch_size)
+    ]
+
+
+def collate(items: list[tuple[torch.Tensor, torch.Tensor, str, int]]) -> Batch:
     pixels, time_ids, captions, ids = zip(*items)
     return torch.stack(pixels), torch.stack(time_ids), list(captions), torch.tensor(ids)

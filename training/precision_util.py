@@ -1,7 +1,7 @@
-"""The precision policy, resolved once before training.
+"""The device and the precision policy, resolved once before training or generation.
 
-- LoRA: the frozen UNet is stored in bf16 (or fp16) and the adapters in fp32 (see sdxl/lora.py), so
-  no autocast is needed: each adapter casts its input up and its output back.
+- LoRA (and generation): the frozen UNet is stored in bf16 (or fp16) and the adapters in fp32 (see
+  sdxl/lora.py), so no autocast is needed: each adapter casts its input up and its output back.
 - Full fine-tuning: the UNet's trainable weights stay fp32 (master weights for AdamW) and the forward
   runs under autocast in bf16 / fp16.
 - fp16 needs a gradient scaler (its range underflows small gradients); bf16 and fp32 do not, and the
@@ -16,7 +16,26 @@ from dataclasses import dataclass
 
 import torch
 
+from sdxl.errors import UserError
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the GPU where there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cuda", "cpu"):
+        raise UserError(
+            f"--device {name!r} is not a device this project runs on; use cuda, cpu or auto"
+        )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    return device
 
 
 @dataclass(frozen=True)
@@ -40,12 +59,13 @@ class Precision:
         return torch.float16 if self.device_type == "cuda" else torch.float32
 
 
-def resolve_precision(name: str, device: torch.device, full_finetune: bool) -> Precision:
-    """`auto` is bf16 on CUDA and fp32 on the CPU (where bf16 works but is slow on most CPUs)."""
+def resolve_precision(name: str, device: torch.device, full_finetune: bool = False) -> Precision:
+    """`auto` is bf16 on CUDA (fp32's range, so nothing overflows) and fp32 on the CPU (where bf16
+    works but is slow on most CPUs). The same rule serves training and generation."""
     if name == "auto":
         name = "bf16" if device.type == "cuda" else "fp32"
     if name not in DTYPES:
-        raise ValueError(f"unknown precision {name!r}; choose bf16, fp16 or fp32")
+        raise UserError(f"unknown precision {name!r}; choose bf16, fp16 or fp32")
     low = DTYPES[name]
     if full_finetune:
         return Precision(

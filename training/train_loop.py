@@ -1,29 +1,39 @@
-"""The training loop: one optimizer step (`train_step`), one epoch (`train_epoch`), and a validation
-loss at fixed timesteps and noise (`validate`).
+"""One optimizer step (`train_step`) and a validation loss at fixed timesteps and noise (`validate`).
 
 Everything that depends on options (precision, loss weighting, noise offset, EMA, cached encoders,
-data parallelism, accumulation) is resolved into a `Trainer` before the loop starts, so the step
-itself has no option branches.
+data parallelism, accumulation) is resolved into a `Trainer` by `build_trainer` before the loop
+starts, so the step itself has no option branches.
+
+A step has a host side and a device side. `prepare` runs the encoders (or reads the caches) and
+moves a micro-batch to the device; `micro_batch_loss` and the optimizer update then only launch
+work on the device: every random number is drawn there from the samples' seeds (training/noise.py),
+and nothing is read back. The loss and the gradient norm come back as device tensors; the loop reads
+them once per optimizer step, when it logs.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from sdxl.diffusion import NoiseSchedule, randn
+from sdxl.diffusion import NoiseSchedule
 from sdxl.errors import UserError
+from sdxl.lora import apply_lora_to_unet
+from sdxl.pretrained import SDXLParts
+from sdxl.unet import UNet2DConditionModel
 from sdxl.vae import SDXLVAE
-from training.data_loader import sample_seed
+from training import noise
+from training.cache import ImageEncoder, TextEncoder
+from training.data_loader import Batch, sample_seed
+from training.distributed import Distributed
+from training.ema import EMA
 from training.precision_util import Precision
-
-# pixels (B,3,H,W) or cached VAE moments (B,8,h,w), time ids (B,6), captions, sample ids (B,)
-Batch = tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]
-Generators = list[torch.Generator]
+from training.train_util import lr_lambda
 
 
 class TrainingError(UserError):
@@ -38,57 +48,92 @@ class TrainState:
     smoothed_loss: float | None = None
     best_loss: float = float("inf")
 
-
-def _uniform_noise(x: torch.Tensor, g: Generators) -> torch.Tensor:
-    return randn(x.shape, g, x.device, x.dtype)
+    def advance(self, loss: float, epoch: int, position: int) -> None:
+        """Count one optimizer step that left the run at (epoch, position)."""
+        self.step, self.epoch, self.position = self.step + 1, epoch, position
+        self.smoothed_loss = (
+            loss if self.smoothed_loss is None else 0.9 * self.smoothed_loss + 0.1 * loss
+        )
 
 
 @dataclass
 class Trainer:
-    """The models and every resolved option the loop needs."""
+    """The models and every resolved option the step needs."""
 
-    unet: torch.nn.Module
+    unet: UNet2DConditionModel
+    model: torch.nn.Module  # what the forward runs: the UNet, or its DDP wrapper
     vae: SDXLVAE
     schedule: NoiseSchedule
     precision: Precision
+    device: torch.device
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    device: torch.device
-    # images (or cached moments) -> VAE posterior moments (B, 8, h, w)
-    encode_images: Callable[[torch.Tensor], torch.Tensor]
-    # captions -> (context (B, 77, 2048), pooled (B, 1280))
-    encode_text: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
-    seed: int = 0
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    model: torch.nn.Module | None = None  # what the forward runs: the UNet, or its DDP wrapper
-    no_sync: Callable[[], contextlib.AbstractContextManager] = (
-        contextlib.nullcontext
-    )  # DDP: skip a sync
-    loss_weight: Callable[[torch.Tensor], torch.Tensor] = field(
-        default=lambda t: torch.ones(t.shape)
+    ema: EMA | None
+    encode_images: ImageEncoder
+    encode_text: TextEncoder
+    loss_weight: Callable[[torch.Tensor], torch.Tensor]  # per-sample weights of timesteps t
+    make_noise: noise.NoiseFn
+    sample_timesteps: Callable[[torch.Tensor], torch.Tensor]
+    seed: int
+    grad_accum: int
+    max_grad_norm: float
+    no_sync: Callable[[], contextlib.AbstractContextManager]  # DDP: skip the gradient sync
+
+
+def build_trainer(
+    args: argparse.Namespace,
+    parts: SDXLParts,
+    encode_images: ImageEncoder,
+    encode_text: TextEncoder,
+    precision: Precision,
+    dist: Distributed,
+    max_steps: int,
+) -> Trainer:
+    """Make `parts.unet` trainable as `args` says (LoRA adapters or the whole UNet, gradient
+    checkpointing) and put together everything a step needs. `args` are train_sdxl.py's options; the
+    script, the bench and the tests all build their trainer here."""
+    unet = parts.unet
+    if args.use_lora:
+        apply_lora_to_unet(
+            unet, args.lora_rank, args.lora_alpha, args.lora_target_mode, args.lora_dropout
+        )
+    else:
+        unet.requires_grad_(True)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.to(memory_format=torch.channels_last)  # the layout fast convolution kernels want
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=args.learning_rate, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
     )
-    make_noise: Callable[[torch.Tensor, Generators], torch.Tensor] = _uniform_noise
-    sample_timesteps: Callable[[Generators], torch.Tensor] | None = (
-        None  # default: uniform over all T
+    trained = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    model = dist.wrap(unet)
+    return Trainer(
+        unet=unet,
+        model=model,
+        vae=parts.vae,
+        schedule=parts.schedule.to(dist.device),
+        precision=precision,
+        device=dist.device,
+        params=params,
+        optimizer=optimizer,
+        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(args.lr_scheduler, args.lr_warmup_steps, max_steps)
+        ),
+        scaler=precision.grad_scaler(),
+        ema=EMA(trained, args.ema_decay) if args.use_ema else None,
+        encode_images=encode_images,
+        encode_text=encode_text,
+        loss_weight=min_snr_weight(parts.schedule, args.snr_gamma),
+        make_noise=noise.make_noise(args.noise_offset),
+        sample_timesteps=noise.uniform_timesteps(parts.schedule.num_train_timesteps),
+        seed=args.seed,
+        grad_accum=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm,
+        no_sync=getattr(model, "no_sync", contextlib.nullcontext),
     )
-    after_step: Callable[[], None] = field(default=lambda: None)  # e.g. the EMA update
-
-    def __post_init__(self) -> None:
-        if self.model is None:
-            self.model = self.unet
-        if self.sample_timesteps is None:
-            T, device = self.schedule.num_train_timesteps, self.device
-            self.sample_timesteps = lambda gens: torch.cat(
-                [torch.randint(0, T, (1,), generator=g, device=device) for g in gens]
-            )
-
-
-# ---------------------------------------------------------------------------------------------
-# Loss options, resolved once
-# ---------------------------------------------------------------------------------------------
 
 
 def min_snr_weight(
@@ -107,22 +152,24 @@ def min_snr_weight(
     return weight
 
 
-def offset_noise(strength: float) -> Callable[[torch.Tensor, Generators], torch.Tensor]:
-    """Gaussian noise plus `strength` times one extra Gaussian per sample and channel (constant over
-    the image), which lets the model learn overall brightness shifts."""
-    if strength == 0:
-        return _uniform_noise
-
-    def noise(x: torch.Tensor, g: Generators) -> torch.Tensor:
-        offset = randn((x.shape[0], x.shape[1], 1, 1), g, x.device, x.dtype)
-        return randn(x.shape, g, x.device, x.dtype) + strength * offset
-
-    return noise
-
-
 # ---------------------------------------------------------------------------------------------
 # One step
 # ---------------------------------------------------------------------------------------------
+
+# One micro-batch on the device: VAE moments (B, 8, h, w), context (B, 77, 2048), pooled (B, 1280),
+# time ids (B, 6), per-sample seeds (B,).
+StepInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def prepare(tr: Trainer, batch: Batch) -> StepInputs:
+    """The host side of a micro-batch: encode (or read the caches) and move it to the device. Each
+    sample's seed comes from the run's seed and its sample id, so its random draws do not depend on
+    the batching."""
+    images, time_ids, captions, ids = batch
+    moments = tr.encode_images(images.to(tr.device))
+    context, pooled = tr.encode_text(captions)
+    seeds = torch.tensor([sample_seed(tr.seed, int(i)) for i in ids], dtype=torch.int64)
+    return moments, context, pooled, time_ids.to(tr.device), seeds.to(tr.device)
 
 
 def diffusion_loss(
@@ -147,91 +194,63 @@ def diffusion_loss(
         )
     target = tr.schedule.target(latents, noise, t)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return per_sample * tr.loss_weight(t).to(per_sample.device)
+    return per_sample * tr.loss_weight(t)
 
 
-def micro_batch_loss(tr: Trainer, batch: Batch) -> torch.Tensor:
-    """The mean loss of one micro-batch. Each sample's posterior sample, timestep and noise come
-    from its own generator (seeded by its sample id), so they do not depend on the batching."""
-    images, time_ids, captions, ids = batch
-    gens = [torch.Generator(tr.device).manual_seed(sample_seed(tr.seed, int(i))) for i in ids]
-    latents = tr.vae.sample(tr.encode_images(images.to(tr.device)), gens)
-    context, pooled = tr.encode_text(captions)
-    t = tr.sample_timesteps(gens)  # type: ignore[misc]
-    noise = tr.make_noise(latents, gens)
-    return diffusion_loss(tr, tr.model, latents, context, pooled, time_ids.to(tr.device), t, noise).mean()  # type: ignore[arg-type]
+def micro_batch_loss(tr: Trainer, inputs: StepInputs) -> torch.Tensor:
+    """The mean loss of one micro-batch, with each sample's posterior sample, timestep and noise
+    drawn from its own seed."""
+    moments, context, pooled, time_ids, seeds = inputs
+    eps = noise.randn(seeds, noise.POSTERIOR, (moments.shape[1] // 2, *moments.shape[2:]))
+    latents = tr.vae.sample(moments, eps)
+    t = tr.sample_timesteps(seeds)
+    n = tr.make_noise(seeds, latents.shape)
+    return diffusion_loss(tr, tr.model, latents, context, pooled, time_ids, t, n).mean()
 
 
-def train_step(tr: Trainer, micro_batches: list[Batch]) -> tuple[float, float]:
-    """One optimizer step over `grad_accum` micro-batches. Returns (loss, gradient norm)."""
-    total = 0.0
-    for i, batch in enumerate(micro_batches):
-        # With data parallelism, gradients are averaged across processes on the last micro-batch only.
-        sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else tr.no_sync()
-        with sync:
-            loss = micro_batch_loss(tr, batch) / len(micro_batches)
-            value = loss.item()
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"loss is {value}; stopping without saving (try a lower --learning_rate, or --precision bf16/fp32)"
-                )
-            tr.scaler.scale(loss).backward()
-        total += value
+def optimizer_update(tr: Trainer) -> torch.Tensor:
+    """Clip, step, clear the gradients, advance the LR schedule and the EMA. Returns the gradient
+    norm before clipping (a device tensor)."""
     tr.scaler.unscale_(tr.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tr.max_grad_norm)
     tr.scaler.step(tr.optimizer)
     tr.scaler.update()
     tr.optimizer.zero_grad(set_to_none=True)
     tr.lr_scheduler.step()
-    tr.after_step()
-    return total, float(grad_norm)
+    if tr.ema is not None:
+        tr.ema.update()
+    return grad_norm
 
 
-def train_epoch(
-    tr: Trainer,
-    state: TrainState,
-    batches: Iterator[Batch],
-    samples_per_step: int,
-    max_steps: int,
-    on_step: Callable[[TrainState, float, float], None],
-) -> None:
-    """Run optimizer steps until the epoch's batches or `max_steps` run out. `samples_per_step` is
-    the global batch (all processes, all micro-batches). `on_step(state, loss, grad_norm)` is called
-    after every step (logging, checkpoints)."""
-    while state.step < max_steps:
-        micro = [b for _, b in zip(range(tr.grad_accum), batches)]
-        if (
-            len(micro) < tr.grad_accum
-        ):  # an incomplete accumulation at the end of an epoch is dropped
-            return
-        loss, grad_norm = train_step(tr, micro)
-        state.step += 1
-        state.position += samples_per_step
-        state.smoothed_loss = (
-            loss if state.smoothed_loss is None else 0.9 * state.smoothed_loss + 0.1 * loss
-        )
-        on_step(state, loss, grad_norm)
+def train_step(tr: Trainer, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over `grad_accum` micro-batches. Returns (loss, gradient norm) as device
+    tensors: reading them is the caller's one sync with the device."""
+    total = torch.zeros((), device=tr.device)
+    for i, batch in enumerate(micro_batches):
+        # With data parallelism, gradients are averaged across processes on the last micro-batch only.
+        sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else tr.no_sync()
+        with sync:
+            loss = micro_batch_loss(tr, prepare(tr, batch)) / len(micro_batches)
+            tr.scaler.scale(loss).backward()
+        total += loss.detach()
+    return total, optimizer_update(tr)
 
 
 @torch.no_grad()
 def validate(
-    tr: Trainer,
-    batches: list[Batch],
-    timesteps: tuple[int, ...] = (100, 300, 500, 700, 900),
-    seed: int = 0,
+    tr: Trainer, batches: list[Batch], timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)
 ) -> float:
-    """Mean loss over the batches at fixed timesteps and fixed noise (seeded), so that numbers are
-    comparable between steps and between runs. Runs the plain UNet (no data-parallel sync)."""
-    g = [torch.Generator(tr.device).manual_seed(seed)]
+    """Mean loss over the batches at fixed timesteps and fixed noise (seeded by the validation
+    sample's index), so that numbers are comparable between steps and between runs. Runs the plain
+    UNet (no data-parallel sync)."""
     losses = []
-    for images, time_ids, captions, _ in batches:
-        latents = tr.vae.sample(tr.encode_images(images.to(tr.device)), g * images.shape[0])
-        context, pooled = tr.encode_text(captions)
-        for step in timesteps:
+    for batch in batches:
+        moments, context, pooled, time_ids, seeds = prepare(tr, batch)
+        shape = (moments.shape[1] // 2, *moments.shape[2:])
+        latents = tr.vae.sample(moments, noise.randn(seeds, noise.VALIDATION, shape))
+        for k, step in enumerate(timesteps):
             t = torch.full((latents.shape[0],), step, device=tr.device, dtype=torch.long)
-            noise = randn(latents.shape, g * latents.shape[0], tr.device, latents.dtype)
-            loss = diffusion_loss(
-                tr, tr.unet, latents, context, pooled, time_ids.to(tr.device), t, noise
-            )
-            losses.append(loss.mean().item())
-    return sum(losses) / max(1, len(losses))
+            n = noise.randn(seeds, noise.VALIDATION + 1 + k, shape)
+            loss = diffusion_loss(tr, tr.unet, latents, context, pooled, time_ids, t, n)
+            losses.append(loss.mean())
+    return float(torch.stack(losses).mean()) if losses else 0.0

@@ -1,97 +1,15 @@
-"""Checkpoints, atomic writes, metrics logging and the learning-rate schedule."""
+"""Metrics logging, the learning-rate schedule and the global random state."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
+import signal
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-
-from sdxl.errors import UserError
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be read."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic files: written to a temporary name, then renamed into place
-# ---------------------------------------------------------------------------------------------
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A training checkpoint, loaded with weights_only=True (tensors and plain containers only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint (truncated or corrupt?): {type(e).__name__}"
-        ) from None
-    if not isinstance(ckpt, dict) or "step" not in ckpt or "config" not in ckpt:
-        raise CheckpointError(f"{path} is not a training checkpoint of this project")
-    return ckpt
-
-
-def checkpoint_lora_modules(
-    ckpt: dict, ema: bool = False
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """A LoRA checkpoint's adapters as (down, up, alpha) per module path, from the live weights or
-    (ema=True) their moving averages."""
-    weights = ckpt["lora"]
-    if ema:
-        if ckpt.get("ema") is None:
-            raise CheckpointError(
-                "this checkpoint has no EMA weights (it was trained without --use_ema)"
-            )
-        weights = ckpt["ema"]["shadow"]
-    alpha = float(ckpt["lora_config"]["alpha"])
-    return {
-        key.removesuffix(".lora.down.weight"): (
-            down,
-            weights[key.replace(".lora.down.", ".lora.up.")],
-            alpha,
-        )
-        for key, down in weights.items()
-        if key.endswith(".lora.down.weight")
-    }
-
-
-def timestamp() -> str:
-    return datetime.now().strftime("%Y%m%d_%H%M%S")
-
-
-def prune_step_checkpoints(output_dir: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` step checkpoints (epoch and lowest-loss ones are never pruned)."""
-    if keep_last <= 0:
-        return
-    steps = sorted(
-        p for p in output_dir.glob("lora_step*.pt") if not p.stem.endswith("_lowest_loss")
-    )
-    for old in steps[:-keep_last]:
-        unet_file = old.with_name(old.stem.replace("lora_", "unet_", 1) + ".safetensors")
-        old.unlink()
-        unet_file.unlink(missing_ok=True)
-
 
 # ---------------------------------------------------------------------------------------------
 # Random state
@@ -165,6 +83,12 @@ class MetricsLog:
                 {k: v for k, v in record.items() if k != "step"}, step=record.get("step")
             )
 
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def log_image(self, name: str, path: Path, step: int) -> None:
         if self.wandb is not None:
             import wandb
@@ -176,3 +100,29 @@ class MetricsLog:
             self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping on a signal
+# ---------------------------------------------------------------------------------------------
+
+
+class StopSignals:
+    """Inside the `with` block, SIGINT (Ctrl-C) and SIGTERM are recorded instead of ending the
+    process, so that the loop can finish its step, save, and stop."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def _record(self, signum: int, _frame: object) -> None:
+        self.received = signum
+
+    def __enter__(self) -> StopSignals:
+        self._previous = {
+            s: signal.signal(s, self._record) for s in (signal.SIGINT, signal.SIGTERM)
+        }
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
