@@ -73,24 +73,17 @@ def main(args: argparse.Namespace) -> Path:
     buckets = assign_buckets(train_records, args.image_size) if args.bucket else None
     if buckets and dist.main:
         print(bucket_table(buckets))
-    data = TrainingData(
-        train_records,
-        args.image_size,
-        args.center_crop,
-        args.random_flip,
-        args.caption_dropout,
-        args.seed,
-        buckets,
-    )
+    augment = (args.center_crop, args.random_flip, args.caption_dropout)
+    data = TrainingData(train_records, args.image_size, *augment, args.seed, buckets)
     val_data = TrainingData(val_records, args.image_size, center_crop=True, seed=args.seed)
-    epoch_steps = steps_per_epoch(
-        data, args.batch_size, dist.world, args.gradient_accumulation_steps
-    )
+    accum = args.gradient_accumulation_steps
+    epoch_steps = steps_per_epoch(data, args.batch_size, dist.world, accum)
     max_steps = args.max_train_steps or args.num_epochs * epoch_steps
     prompts = read_prompt_file(args.validation_prompts) if args.validation_prompts else []
     resume = load_checkpoint(args.resume) if args.resume else None
     model_folder = resolve_model(args.pretrained_model)
     precision = resolve_precision(args.precision, dist.device, full_finetune=not args.use_lora)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else cache_root() / "cache"
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     config = {  # plain values only: it goes into checkpoints loaded with weights_only=True
@@ -108,16 +101,11 @@ def main(args: argparse.Namespace) -> Path:
     parts = load_sdxl(
         model_folder, precision.unet_dtype, dist.device, precision.text_dtype, args.vae
     )
+    cached = (args.cache_latents, args.cache_text_embeddings)
     data, val_data, encode_images, encode_text = encoders(
-        parts,
-        data,
-        val_data,
-        args.cache_latents,
-        args.cache_text_embeddings,
-        Path(args.cache_dir) if args.cache_dir else cache_root() / "cache",
-        dist,
+        parts, data, val_data, *cached, cache_dir, dist
     )
-    if args.cache_latents and args.cache_text_embeddings and not prompts:
+    if all(cached) and not prompts:
         parts.vae.to("cpu")  # not needed on the device any more
         parts.text_encoder.to("cpu")
     tr = build_trainer(args, parts, encode_images, encode_text, precision, dist, max_steps)
@@ -125,19 +113,13 @@ def main(args: argparse.Namespace) -> Path:
     if resume is not None:
         restore_checkpoint(resume, Path(args.resume), tr, state)
     val_batches = fixed_batches(val_data, args.batch_size)
+    # Every step's micro-batches, from where the run stands (mid-epoch, for a resumed run).
     steps = optimizer_steps(
-        data,
-        args.batch_size,
-        args.gradient_accumulation_steps,
-        state.epoch,
-        state.position,
-        dist.rank,
-        dist.world,
-        args.num_workers,
+        data, args.batch_size, accum, state.epoch, state.position, dist, args.num_workers
     )
 
     # -- the loop: one optimizer step an iteration; only the first process writes ----------------
-    samples_per_step = args.batch_size * dist.world * args.gradient_accumulation_steps
+    samples_per_step = args.batch_size * dist.world * accum
     last, saved_step = output_dir, -1
     metrics = MetricsLog(
         output_dir / "metrics.jsonl" if dist.main else None, args.wandb_project, config
@@ -164,26 +146,20 @@ def main(args: argparse.Namespace) -> Path:
             epoch_done = epoch > state.epoch
             state.advance(loss, epoch, position)
 
-            if dist.main and args.validation_steps and state.step % args.validation_steps == 0:
-                if val_batches:
-                    record["val_loss"] = validate(tr, val_batches)
-                if prompts:
-                    path = output_dir / f"validation_step{state.step:06d}.png"
-                    metrics.log_image(
-                        "validation", validation_images(tr, parts, prompts, args, path), state.step
-                    )
+            kinds = ["step"] * bool(args.save_interval and state.step % args.save_interval == 0)
+            kinds += ["epoch"] * epoch_done
+            validating = bool(args.validation_steps) and state.step % args.validation_steps == 0
+            if dist.main and val_batches and (validating or kinds):
+                record["val_loss"] = validate(tr, val_batches)
+            if dist.main and prompts and validating:
+                grid = validation_images(tr, parts, prompts, args, output_dir, state.step)
+                metrics.log_image("validation", grid, state.step)
             metrics.log(record)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
             bar.update(1)
 
-            kinds = ["step"] * bool(args.save_interval and state.step % args.save_interval == 0)
-            kinds += ["epoch"] * epoch_done
-            if dist.main and kinds:
-                tracked = (
-                    record["val_loss"]
-                    if "val_loss" in record
-                    else tracked_loss(tr, state, val_batches)
-                )
+            if dist.main and kinds:  # the lowest-loss checkpoint follows val_loss if there is one
+                tracked = record.get("val_loss", state.smoothed_loss)
                 last = save_checkpoints(
                     output_dir, kinds, tr, state, config, tracked, args.keep_last
                 )
@@ -198,7 +174,7 @@ def main(args: argparse.Namespace) -> Path:
                 break
         else:  # the final state, unless just saved
             if dist.main and saved_step != state.step:
-                tracked = tracked_loss(tr, state, val_batches)
+                tracked = validate(tr, val_batches) if val_batches else state.smoothed_loss
                 last = save_checkpoints(
                     output_dir, ["step"], tr, state, config, tracked, args.keep_last
                 )
@@ -206,14 +182,13 @@ def main(args: argparse.Namespace) -> Path:
     return last
 
 
-def tracked_loss(tr: Trainer, state: TrainState, val_batches: list) -> float | None:
-    """What the lowest-loss checkpoint follows: the validation loss, or without validation data the
-    smoothed training loss."""
-    return validate(tr, val_batches) if val_batches else state.smoothed_loss
-
-
 def validation_images(
-    tr: Trainer, parts: SDXLParts, prompts: list[str], args: argparse.Namespace, path: Path
+    tr: Trainer,
+    parts: SDXLParts,
+    prompts: list[str],
+    args: argparse.Namespace,
+    folder: Path,
+    step: int,
 ) -> Path:
     """Fixed-seed images of the validation prompts, as one PNG grid (with the EMA weights if kept)."""
     if tr.ema is not None:
@@ -231,6 +206,7 @@ def validation_images(
     images = generate_unique_batch(pipe, prompts, seeds, size, size, steps)
     if tr.ema is not None:
         tr.ema.swap()
+    path = folder / f"validation_step{step:06d}.png"
     with atomic_write(path) as tmp:
         image_grid(images).save(tmp, format="PNG")
     return path

@@ -26,11 +26,12 @@ sys.path.insert(0, str(ROOT))
 from bench.train_throughput import mid_sdxl  # noqa: E402
 from bench.unet_step import proc_status  # noqa: E402
 from sdxl.pretrained import resolve_model  # noqa: E402
+from training.precision_util import resolve_device, resolve_precision  # noqa: E402
 
 
 def child(args: argparse.Namespace) -> None:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    device = resolve_device("auto")
+    dtype = resolve_precision("auto", device).unet_dtype
     folder = mid_sdxl() if args.model == "mid" else resolve_model(args.model)
     prompts = [f"a photo of object number {i}" for i in range(args.batch_size)]
     seeds = list(range(args.batch_size))

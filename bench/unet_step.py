@@ -40,7 +40,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+from training.precision_util import DTYPES
 
 TINY = {
     "block_out_channels": [64, 128, 256],
@@ -314,7 +314,7 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--dtype",
-        choices=list(DTYPES),
+        choices=["bf16", "fp32"],
         default="bf16",
         help="dtype of the frozen base (adapters are fp32)",
     )

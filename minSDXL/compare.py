@@ -23,8 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.unet_step import proc_status  # noqa: E402
 from sdxl.pretrained import resolve_model  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from training.precision_util import DTYPES, resolve_device  # noqa: E402
 
 
 def inputs(config: dict, latent: int, dtype: torch.dtype, device: torch.device) -> tuple:
@@ -48,7 +47,7 @@ def inputs(config: dict, latent: int, dtype: torch.dtype, device: torch.device) 
 
 
 def child(args: argparse.Namespace) -> None:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     dtype = DTYPES[args.dtype]
     folder = Path(args.folder)
     config = json.loads((folder / "unet" / "config.json").read_text())

@@ -644,10 +644,9 @@ class UNet2DConditionModel(nn.Module):
 
         # Up: level i takes the skips of down level 2-i, plus the last skip of the level above it
         # (or conv_in's output), and upsamples to the size of the next level's skips.
-        h = self.up_blocks[0](h, [skips1[-1], *skips2], emb, context, skips1[0].shape[-2:])  # H/2
-        h = self.up_blocks[1](
-            h, [skips0[-1], *skips1[:-1]], emb, context, skips0[0].shape[-2:]
-        )  # H
+        # h at H/2, then at H, then at H again (the last level does not upsample).
+        h = self.up_blocks[0](h, [skips1[-1], *skips2], emb, context, skips1[0].shape[-2:])
+        h = self.up_blocks[1](h, [skips0[-1], *skips1[:-1]], emb, context, skips0[0].shape[-2:])
         h = self.up_blocks[2](h, [x0, *skips0[:-1]], emb)
         return self.conv_out(self.conv_norm_out(h))  # (B, 4, H, W); the norm includes the SiLU
 

@@ -93,7 +93,7 @@ def test_per_sample_generators_make_noise_batch_independent():
 
 
 def test_unsupported_schedule_rejected():
-    with pytest.raises(ValueError, match="timestep_spacing"):
+    with pytest.raises(UserError, match="timestep_spacing"):
         NoiseSchedule.from_config({"timestep_spacing": "trailing"})
     with pytest.raises(UserError, match="steps must be"):
         NoiseSchedule.scaled_linear().timesteps(0)

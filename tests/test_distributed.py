@@ -5,11 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import ROOT, train_argv
 
 import train_sdxl
 from training.checkpoint import load_checkpoint
+from training.distributed import Distributed
 
 
 def flags(tiny_model, out, batch_size, *extra):
@@ -88,3 +90,25 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_model, tmp_path
     c = load_checkpoint(last)
     for k in a["lora"]:
         torch.testing.assert_close(a["lora"][k], c["lora"][k], rtol=0, atol=1e-5)
+
+
+def test_collectives_get_tensors_on_the_training_device(monkeypatch):
+    """NCCL, the backend on GPUs, has no CPU tensors: an all_reduce of a CPU tensor fails there with
+    "No backend type associated with device type cpu". On a CPU-only machine the training device
+    cannot differ from the CPU in a real run, so the process's device here is the meta device, and
+    a patched all_reduce records what it is handed (and stops there: a meta tensor has no value)."""
+    handed: list[torch.device] = []
+
+    class Reached(Exception):
+        pass
+
+    def all_reduce(tensor, op=None, **kwargs):
+        handed.append(tensor.device)
+        raise Reached
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    with pytest.raises(Reached):
+        Distributed(rank=1, world=2, device=torch.device("meta")).any(True)
+    assert handed == [torch.device("meta")]
+    # One process: no collective at all.
+    assert Distributed(0, 1, torch.device("meta")).any(True) is True and len(handed) == 1

@@ -7,9 +7,10 @@ import torch
 from conftest import EXAMPLES, train_argv
 
 import train_sdxl
+from sdxl.errors import UserError
 from sdxl.files import atomic_write
 from sdxl.pretrained import load_sdxl
-from training.checkpoint import load_checkpoint
+from training.checkpoint import load_checkpoint, prune_step_checkpoints, read_lora_weights
 from training.data_loader import TrainingData, collate, scan
 from training.distributed import Distributed
 from training.precision_util import resolve_precision
@@ -128,6 +129,28 @@ def test_full_finetune_run(tiny_model, tmp_path):
     original = load_unet(tiny_model / "unet").state_dict()
     assert set(trained) == set(original)
     assert any(not torch.equal(trained[k], original[k]) for k in original)
+
+    # Format 1 named full fine-tuning checkpoints lora_* with the UNet in unet_*.safetensors: such a
+    # checkpoint still loads for generation, and pruning removes its UNet file with it.
+    old = tmp_path / "old"
+    old.mkdir()
+    stem = last.stem.replace("full_", "", 1)
+    (tmp_path / ckpt["unet_file"]).rename(old / f"unet_{stem}.safetensors")
+    torch.save(
+        {**ckpt, "format_version": 1, "unet_file": f"unet_{stem}.safetensors"},
+        old / f"lora_{stem}.pt",
+    )
+    loaded = read_lora_weights(old / f"lora_{stem}.pt", load_unet(tiny_model / "unet"))
+    assert all(torch.equal(loaded[k], trained[k]) for k in trained)  # type: ignore[arg-type]
+    prune_step_checkpoints(old, keep_last=0)
+    assert len(list(old.iterdir())) == 2  # keep_last 0 keeps everything
+    (old / "lora_step000003_20990101_000000.pt").write_bytes(b"newer")
+    prune_step_checkpoints(old, keep_last=1)
+    assert [p.name for p in old.iterdir()] == ["lora_step000003_20990101_000000.pt"]
+    # A checkpoint from a newer version of the project is refused with one line.
+    torch.save({**ckpt, "format_version": 99}, tmp_path / "future.pt")
+    with pytest.raises(UserError, match="format 99, newer than this code reads"):
+        load_checkpoint(tmp_path / "future.pt")
 
 
 def test_lora_state_dict_changes_during_training(tiny_model, tmp_path):

@@ -11,6 +11,7 @@ from conftest import tiny_unet_config
 from safetensors.torch import save_file
 
 from bench.unet_step import MALLINFO2, malloc_in_use
+from sdxl.errors import UserError
 from sdxl.unet import Conv2d, GroupNormSiLU, UNet2DConditionModel, load_unet
 from sdxl.weights import WeightsError
 
@@ -301,7 +302,7 @@ def test_frozen_convolution_input_gradient(stride, autocast, device):
 )
 def test_bad_configs_are_rejected(key, value, message):
     cfg = dict(tiny_unet_config(), **{key: value})
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):  # printed by the scripts as one line
         UNet2DConditionModel.from_config(cfg)
 
 

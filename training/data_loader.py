@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from sdxl.errors import UserError
+from training.distributed import Distributed
 
 log = logging.getLogger(__name__)
 
@@ -248,11 +249,8 @@ class TrainingData(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(sample_seed(self.seed, sample_id))
         # Caption dropout: the empty prompt, so the model also learns the unconditional branch of
         # classifier-free guidance. Drawn first, so it does not depend on how the image is made.
-        caption = (
-            ""
-            if torch.rand(1, generator=g).item() < self.caption_dropout
-            else self.records[i].caption
-        )
+        dropped = torch.rand(1, generator=g).item() < self.caption_dropout
+        caption = "" if dropped else self.records[i].caption
         image, time_ids = self.image(i, g)
         return image, time_ids, caption, sample_id
 
@@ -339,18 +337,17 @@ def optimizer_steps(
     grad_accum: int,
     epoch: int,
     position: int,
-    rank: int = 0,
-    world: int = 1,
+    dist: Distributed,
     workers: int = 0,
 ) -> Iterator[tuple[list[Batch], int, int]]:
     """The micro-batches of every optimizer step from (epoch, position) on, epoch after epoch,
     without end. Yields (micro-batches, epoch, position): the step's `grad_accum` batches of this
     process, and where the run stands after the step (the next epoch and 0 after an epoch's last
     step). `position` counts the samples of the epoch's order consumed by all processes."""
-    per_step = batch_size * world * grad_accum
-    per_epoch = steps_per_epoch(data, batch_size, world, grad_accum) * per_step
+    per_step = batch_size * dist.world * grad_accum
+    per_epoch = steps_per_epoch(data, batch_size, dist.world, grad_accum) * per_step
     while True:
-        loader = batches(data, batch_size, epoch, position, rank, world, workers)
+        loader = batches(data, batch_size, epoch, position, dist.rank, dist.world, workers)
         while position < per_epoch:
             micro = [next(loader) for _ in range(grad_accum)]
             position += per_step

@@ -51,9 +51,8 @@ class TrainState:
     def advance(self, loss: float, epoch: int, position: int) -> None:
         """Count one optimizer step that left the run at (epoch, position)."""
         self.step, self.epoch, self.position = self.step + 1, epoch, position
-        self.smoothed_loss = (
-            loss if self.smoothed_loss is None else 0.9 * self.smoothed_loss + 0.1 * loss
-        )
+        s = self.smoothed_loss
+        self.smoothed_loss = loss if s is None else 0.9 * s + 0.1 * loss
 
 
 @dataclass
