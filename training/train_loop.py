@@ -76,7 +76,6 @@ class Trainer:
     make_noise: noise.NoiseFn
     sample_timesteps: Callable[[torch.Tensor], torch.Tensor]
     seed: int
-    grad_accum: int
     max_grad_norm: float
     no_sync: Callable[[], contextlib.AbstractContextManager]  # DDP: skip the gradient sync
 
@@ -103,17 +102,18 @@ def build_trainer(
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.to(memory_format=torch.channels_last)  # the layout fast convolution kernels want
-    params = [p for p in unet.parameters() if p.requires_grad]
+    trained = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    params = [p for _, p in trained]
     optimizer = torch.optim.AdamW(
         params, lr=args.learning_rate, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
     )
-    trained = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    schedule = parts.schedule.to(dist.device)  # its table beside the UNet: no copy per step
     model = dist.wrap(unet)
     return Trainer(
         unet=unet,
         model=model,
         vae=parts.vae,
-        schedule=parts.schedule.to(dist.device),
+        schedule=schedule,
         precision=precision,
         device=dist.device,
         params=params,
@@ -125,11 +125,10 @@ def build_trainer(
         ema=EMA(trained, args.ema_decay) if args.use_ema else None,
         encode_images=encode_images,
         encode_text=encode_text,
-        loss_weight=min_snr_weight(parts.schedule, args.snr_gamma),
+        loss_weight=min_snr_weight(schedule, args.snr_gamma),
         make_noise=noise.make_noise(args.noise_offset),
-        sample_timesteps=noise.uniform_timesteps(parts.schedule.num_train_timesteps),
+        sample_timesteps=noise.uniform_timesteps(schedule.num_train_timesteps),
         seed=args.seed,
-        grad_accum=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm,
         no_sync=getattr(model, "no_sync", contextlib.nullcontext),
     )
