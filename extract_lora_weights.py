@@ -16,42 +16,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from sdxl.errors import UserError, run_cli
-from sdxl.files import atomic_write
-from sdxl.lora_formats import FORMATS, save_lora_file
-from training.checkpoint import adapter_modules, load_checkpoint, unet_weights
-from training.precision_util import DTYPES
+from sdxl.options import LORA_FORMATS, PRECISIONS, check_file
 
 
-def main(args: argparse.Namespace) -> Path:
-    checkpoint = Path(args.checkpoint)
-    ckpt = load_checkpoint(checkpoint, mmap=True)
-    suffix = f"_{args.format}" + ("_ema" if args.ema else "")
-    output = (
-        Path(args.output)
-        if args.output
-        else checkpoint.with_name(checkpoint.stem + suffix + ".safetensors")
-    )
-    dtype = DTYPES[args.dtype]
-    info = {"base_model": ckpt.get("base_model", ""), "step": ckpt["step"], "ema": int(args.ema)}
-    if ckpt["lora"] is None:  # full fine-tuning
-        if args.format != "native" or args.ema:
-            raise UserError(
-                "a full fine-tuning checkpoint exports its UNet in native format only, without --ema"
-            )
-        state = unet_weights(ckpt, checkpoint, dtype)
-        with atomic_write(output) as tmp:
-            metadata = {"format": "pt", **{k: str(v) for k, v in info.items()}}
-            save_file(state, tmp, metadata=metadata)
-    else:
-        lora = ckpt["lora_config"]
-        info.update(rank=lora["rank"], alpha=lora["alpha"], target_mode=lora["target_mode"])
-        layers = ckpt["unet_config"]["layers_per_block"]  # kohya names count blocks per level
-        save_lora_file(output, adapter_modules(ckpt, args.ema), args.format, info, dtype, layers)
-    print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {args.format}, {args.dtype})")
-    return output
+def check_args(args: argparse.Namespace) -> None:
+    """The flags, checked before the heavy imports."""
+    check_file(args.checkpoint, "checkpoint")
+    if args.output is not None and Path(args.output).is_dir():
+        raise UserError(f"--output {args.output} is a folder; give a file name in it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,17 +35,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format",
         default="native",
-        choices=FORMATS,
+        choices=LORA_FORMATS,
         help="file layout (kohya for ComfyUI / AUTOMATIC1111)",
     )
     p.add_argument("--output", default=None, help="output file (default: next to the checkpoint)")
     p.add_argument(
-        "--dtype", default="fp16", choices=list(DTYPES), help="dtype of the written tensors"
+        "--overwrite",
+        action="store_true",
+        help="replace --output even if it is not an earlier export of ours",
+    )
+    p.add_argument(
+        "--dtype", default="fp16", choices=PRECISIONS, help="dtype of the written tensors"
     )
     p.add_argument(
         "--ema", action="store_true", help="export the EMA weights instead of the live ones"
     )
     return p
+
+
+if __name__ == "__main__":
+    # Read and check the flags before the heavy imports below, so that --help answers at once.
+    run_cli(check_args, build_parser())
+
+from safetensors.torch import save_file
+
+from sdxl.files import atomic_write
+from sdxl.lora_formats import WRITTEN_BY, save_lora_file
+from sdxl.weights import WeightsError, read_safetensors_header
+from training.checkpoint import adapter_modules, load_checkpoint, unet_weights
+from training.precision_util import DTYPES
+
+
+def main(args: argparse.Namespace) -> Path:
+    check_args(args)
+    checkpoint = Path(args.checkpoint)
+    ckpt = load_checkpoint(checkpoint, mmap=True)
+    suffix = f"_{args.format}" + ("_ema" if args.ema else "")
+    output = Path(args.output or checkpoint.with_name(checkpoint.stem + suffix + ".safetensors"))
+    if output.exists() and not args.overwrite and not earlier_export(output):
+        raise UserError(
+            f"--output {output} exists and is not a file this script wrote; "
+            "choose another name or pass --overwrite"
+        )
+    dtype = DTYPES[args.dtype]
+    info = {"base_model": ckpt.get("base_model", ""), "step": ckpt["step"], "ema": int(args.ema)}
+    if ckpt["lora"] is None:  # full fine-tuning
+        if args.format != "native" or args.ema:
+            raise UserError(
+                "a full fine-tuning checkpoint exports its UNet in native format only, without --ema"
+            )
+        state = unet_weights(ckpt, checkpoint, dtype)
+        with atomic_write(output) as tmp:
+            metadata = {"format": "pt", **WRITTEN_BY, **{k: str(v) for k, v in info.items()}}
+            save_file(state, tmp, metadata=metadata)
+    else:
+        lora = ckpt["lora_config"]
+        info.update(rank=lora["rank"], alpha=lora["alpha"], target_mode=lora["target_mode"])
+        layers = ckpt["unet_config"]["layers_per_block"]  # kohya names count blocks per level
+        save_lora_file(output, adapter_modules(ckpt, args.ema), args.format, info, dtype, layers)
+    print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {args.format}, {args.dtype})")
+    return output
+
+
+def earlier_export(path: Path) -> bool:
+    """Whether the file is one this script wrote (its metadata says so), which may be replaced."""
+    try:
+        metadata = read_safetensors_header(path)[0].get("__metadata__", {})
+    except WeightsError:
+        return False
+    # Exports before WRITTEN_BY was recorded carried a lora_format entry.
+    return metadata.get("written_by") == WRITTEN_BY["written_by"] or "lora_format" in metadata
 
 
 if __name__ == "__main__":

@@ -19,11 +19,45 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-import train_sdxl
 from sdxl.errors import UserError
-from training.checkpoint import find_checkpoints
 
 ROOT = Path(__file__).resolve().parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument(
+        "--auto",
+        metavar="DIR",
+        help="find the newest loadable checkpoint in DIR and print the resume command",
+    )
+    mode.add_argument(
+        "--list",
+        metavar="DIR",
+        help="list every checkpoint in DIR with step, epoch, loss, size and date",
+    )
+    p.add_argument(
+        "--execute", action="store_true", help="run the resume command and exit with its exit code"
+    )
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Flags after `--` are training flags that override the saved configuration."""
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = build_parser().parse_args(argv[:split])
+    args.overrides = argv[split + 1 :]
+    return args
+
+
+if __name__ == "__main__":
+    parse_args(sys.argv[1:])  # --help and bad flags answer before the heavy imports below
+
+import train_sdxl
+from training.checkpoint import find_checkpoints
 
 
 def config_to_argv(config: dict) -> list[str]:
@@ -77,35 +111,6 @@ def main(args: argparse.Namespace) -> int:
     if not args.execute:
         return 0
     return subprocess.run(command).returncode  # an argument list: no shell, no quoting issues
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument(
-        "--auto",
-        metavar="DIR",
-        help="find the newest loadable checkpoint in DIR and print the resume command",
-    )
-    mode.add_argument(
-        "--list",
-        metavar="DIR",
-        help="list every checkpoint in DIR with step, epoch, loss, size and date",
-    )
-    p.add_argument(
-        "--execute", action="store_true", help="run the resume command and exit with its exit code"
-    )
-    return p
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Flags after `--` are training flags that override the saved configuration."""
-    split = argv.index("--") if "--" in argv else len(argv)
-    args = build_parser().parse_args(argv[:split])
-    args.overrides = argv[split + 1 :]
-    return args
 
 
 if __name__ == "__main__":

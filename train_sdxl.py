@@ -21,195 +21,84 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import sys
+import re
+import signal
 import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from sampling.inference import Pipeline, generate_unique_batch, image_grid, read_prompt_file
-from sdxl.errors import run_cli
-from sdxl.files import atomic_write, write_json
-from sdxl.lora import TARGET_MODES
-from sdxl.pretrained import DEFAULT_MODEL, SDXLParts, cache_root, load_sdxl, resolve_model
-from training.cache import encoders
-from training.checkpoint import (
-    checkpoint_path,
-    load_checkpoint,
-    restore_checkpoint,
-    save_checkpoint,
-    save_checkpoints,
+from sampling.prompts import read_prompt_file
+from sdxl.errors import StoppedBySignal, UserError, run_cli
+from sdxl.options import (
+    AT_LEAST_0,
+    AT_LEAST_1,
+    BELOW_1,
+    DEFAULT_MODEL,
+    FRACTION,
+    MULTIPLE_OF_8,
+    POSITIVE,
+    PRECISIONS,
+    TARGET_MODES,
+    check_file,
+    check_folder,
+    check_numbers,
+    check_output_dir,
 )
-from training.data_loader import (
-    TrainingData,
-    assign_buckets,
-    bucket_table,
-    fixed_batches,
-    optimizer_steps,
-    scan,
-    split_validation,
-    steps_per_epoch,
-)
-from training.distributed import init_distributed
-from training.precision_util import resolve_precision
-from training.train_loop import (
-    Trainer,
-    TrainingError,
-    TrainState,
-    build_trainer,
-    train_step,
-    validate,
-)
-from training.train_util import MetricsLog, StopSignals
+from training.scan import check_data_dir
+
+# Flags that name files or folders: config.json records them as absolute paths, so that a resume
+# started from another directory reads and writes the same places.
+PATH_FLAGS = ("data_dir", "output_dir", "cache_dir", "vae", "validation_prompts", "resume")
 
 
-def main(args: argparse.Namespace) -> Path:
-    """Train; returns the path of the last checkpoint written."""
-    # -- set-up, in the order that fails fastest on bad input: data, processes, model, outputs --
-    records = scan(args.data_dir)
-    train_records, val_records = split_validation(records, args.validation_split, args.seed)
-    dist = init_distributed(args.device)
-    buckets = assign_buckets(train_records, args.image_size) if args.bucket else None
-    if buckets and dist.main:
-        print(bucket_table(buckets))
-    augment = (args.center_crop, args.random_flip, args.caption_dropout)
-    data = TrainingData(train_records, args.image_size, *augment, args.seed, buckets)
-    val_data = TrainingData(val_records, args.image_size, center_crop=True, seed=args.seed)
-    accum = args.gradient_accumulation_steps
-    epoch_steps = steps_per_epoch(data, args.batch_size, dist.world, accum)
-    max_steps = args.max_train_steps or args.num_epochs * epoch_steps
-    prompts = read_prompt_file(args.validation_prompts) if args.validation_prompts else []
-    resume = load_checkpoint(args.resume) if args.resume else None
-    model_folder = resolve_model(args.pretrained_model)
-    precision = resolve_precision(args.precision, dist.device, full_finetune=not args.use_lora)
-    cache_dir = Path(args.cache_dir) if args.cache_dir else cache_root() / "cache"
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    config = {  # plain values only: it goes into checkpoints loaded with weights_only=True
-        **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "base_model": str(model_folder),
-        "resolved_precision": precision.name,
-        "resolved_device": str(dist.device),
-        "processes": dist.world,
-    }
-    if dist.main:
-        write_json(config, output_dir / "config.json")
-
-    # -- models, encoders (or caches), optimizer, and a resumed run's state ----------------------
-    torch.manual_seed(args.seed)
-    parts = load_sdxl(
-        model_folder, precision.unet_dtype, dist.device, precision.text_dtype, args.vae
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag, checked before anything heavy is imported, any model is loaded or any file is
+    written: one line for the first problem."""
+    check_data_dir(args.data_dir)
+    check_numbers(
+        args,
+        {
+            "image_size": MULTIPLE_OF_8,
+            "caption_dropout": FRACTION,
+            "validation_split": BELOW_1,
+            "validation_steps": AT_LEAST_0,
+            "validation_sampling_steps": AT_LEAST_1,
+            "num_workers": AT_LEAST_0,
+            "lora_rank": AT_LEAST_1,
+            "lora_alpha": POSITIVE,
+            "lora_dropout": BELOW_1,
+            "batch_size": AT_LEAST_1,
+            "gradient_accumulation_steps": AT_LEAST_1,
+            "num_epochs": AT_LEAST_1,
+            "max_train_steps": AT_LEAST_1,
+            "learning_rate": POSITIVE,
+            "adam_epsilon": POSITIVE,
+            "adam_weight_decay": AT_LEAST_0,
+            "lr_warmup_steps": AT_LEAST_0,
+            "max_grad_norm": POSITIVE,
+            "snr_gamma": POSITIVE,
+            "noise_offset": AT_LEAST_0,
+            "ema_decay": FRACTION,
+            "save_interval": AT_LEAST_0,
+            "keep_last": AT_LEAST_0,
+        },
     )
-    cached = (args.cache_latents, args.cache_text_embeddings)
-    data, val_data, encode_images, encode_text = encoders(
-        parts, data, val_data, *cached, cache_dir, dist
-    )
-    if all(cached) and not prompts:
-        parts.vae.to("cpu")  # not needed on the device any more
-        parts.text_encoder.to("cpu")
-    tr = build_trainer(args, parts, encode_images, encode_text, precision, dist, max_steps)
-    state = TrainState()
-    if resume is not None:
-        restore_checkpoint(resume, Path(args.resume), tr, state)
-    val_batches = fixed_batches(val_data, args.batch_size)
-    # Every step's micro-batches, from where the run stands (mid-epoch, for a resumed run).
-    steps = optimizer_steps(
-        data, args.batch_size, accum, state.epoch, state.position, dist, args.num_workers
-    )
-
-    # -- the loop: one optimizer step an iteration; only the first process writes ----------------
-    samples_per_step = args.batch_size * dist.world * accum
-    last, saved_step = output_dir, -1
-    metrics = MetricsLog(
-        output_dir / "metrics.jsonl" if dist.main else None, args.wandb_project, config
-    )
-    bar = tqdm(total=max_steps, initial=state.step, desc="train", disable=not dist.main)
-    with metrics, bar, StopSignals() as stop:
-        tick = time.perf_counter()
-        for micro_batches, epoch, position in itertools.islice(steps, max_steps - state.step):
-            loss, grad_norm = torch.stack(train_step(tr, micro_batches)).tolist()  # one device sync
-            if not math.isfinite(loss):
-                raise TrainingError(
-                    f"loss is {loss}; stopping without saving "
-                    "(try a lower --learning_rate, or --precision bf16/fp32)"
-                )
-            tock, tick = tick, time.perf_counter()
-            record = {
-                "step": state.step + 1,
-                "epoch": state.epoch,
-                "loss": loss,
-                "lr": tr.lr_scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "images_per_s": samples_per_step / (tick - tock),
-            }
-            epoch_done = epoch > state.epoch
-            state.advance(loss, epoch, position)
-
-            kinds = ["step"] * bool(args.save_interval and state.step % args.save_interval == 0)
-            kinds += ["epoch"] * epoch_done
-            validating = bool(args.validation_steps) and state.step % args.validation_steps == 0
-            if dist.main and val_batches and (validating or kinds):
-                record["val_loss"] = validate(tr, val_batches)
-            if dist.main and prompts and validating:
-                grid = validation_images(tr, parts, prompts, args, output_dir, state.step)
-                metrics.log_image("validation", grid, state.step)
-            metrics.log(record)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
-            bar.update(1)
-
-            if dist.main and kinds:  # the lowest-loss checkpoint follows val_loss if there is one
-                tracked = record.get("val_loss", state.smoothed_loss)
-                last = save_checkpoints(
-                    output_dir, kinds, tr, state, config, tracked, args.keep_last
-                )
-                saved_step = state.step
-            if dist.any(stop.received is not None):  # every process stops at the same step
-                if dist.main:
-                    path = checkpoint_path(output_dir, "step", state, args.use_lora)
-                    last = save_checkpoint(path, tr, state, config)
-                print(
-                    f"\nstopped by signal at step {state.step}; checkpoint: {last}", file=sys.stderr
-                )
-                break
-        else:  # the final state, unless just saved
-            if dist.main and saved_step != state.step:
-                tracked = validate(tr, val_batches) if val_batches else state.smoothed_loss
-                last = save_checkpoints(
-                    output_dir, ["step"], tr, state, config, tracked, args.keep_last
-                )
-    dist.close()
-    return last
-
-
-def validation_images(
-    tr: Trainer,
-    parts: SDXLParts,
-    prompts: list[str],
-    args: argparse.Namespace,
-    folder: Path,
-    step: int,
-) -> Path:
-    """Fixed-seed images of the validation prompts, as one PNG grid (with the EMA weights if kept)."""
-    if tr.ema is not None:
-        tr.ema.swap()
-    pipe = Pipeline(
-        tr.unet,
-        parts.text_encoder,
-        parts.vae,
-        parts.schedule,
-        tr.device,
-        tr.precision.compute_dtype,
-    )
-    seeds = [args.seed + i for i in range(len(prompts))]
-    size, steps = args.image_size, args.validation_sampling_steps
-    images = generate_unique_batch(pipe, prompts, seeds, size, size, steps)
-    if tr.ema is not None:
-        tr.ema.swap()
-    path = folder / f"validation_step{step:06d}.png"
-    with atomic_write(path) as tmp:
-        image_grid(images).save(tmp, format="PNG")
-    return path
+    if args.bucket and args.image_size < 64:
+        raise UserError(
+            f"--bucket needs --image_size 64 or more (buckets have sides in multiples of 64), got {args.image_size}"
+        )
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        raise UserError(
+            f"--device {args.device!r} is not a device this project runs on; use cuda, cpu or auto"
+        )
+    if args.pretrained_model != "tiny":
+        check_folder(args.pretrained_model, "--pretrained_model")
+    check_folder(args.vae, "--vae")
+    if args.validation_prompts is not None:
+        read_prompt_file(args.validation_prompts)
+    check_file(args.resume, "--resume")
+    check_output_dir(args.output_dir, "--output_dir")
+    if args.cache_dir is not None:
+        check_output_dir(args.cache_dir, "--cache_dir")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--precision",
         default="auto",
-        choices=["auto", "bf16", "fp16", "fp32"],
+        choices=["auto", *PRECISIONS],
         help="UNet precision; auto = bf16 on CUDA, fp32 on the CPU",
     )
     g.add_argument(
@@ -394,7 +283,172 @@ def build_parser() -> argparse.ArgumentParser:
         "--wandb_project", default=None, help="also log to this Weights & Biases project"
     )
     g.add_argument("--resume", default=None, help="continue from this checkpoint (.pt)")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run already in --output_dir first (without it such a folder is refused)",
+    )
     return p
+
+
+if __name__ == "__main__":
+    # Read and check the flags before the heavy imports below (torch, transformers and diffusers
+    # take about 20 s on a small machine), so that --help and a bad flag answer at once.
+    run_cli(check_args, build_parser())
+
+import torch
+from tqdm import tqdm
+
+from sdxl.files import cache_root, write_json
+from sdxl.pretrained import load_sdxl, resolve_model
+from training.cache import encoders
+from training.checkpoint import (
+    claim_output_dir,
+    load_checkpoint,
+    restore_checkpoint,
+    save_checkpoints,
+)
+from training.data_loader import (
+    TrainingData,
+    assign_buckets,
+    bucket_table,
+    fixed_batches,
+    optimizer_steps,
+    split_validation,
+    steps_per_epoch,
+)
+from training.distributed import init_distributed
+from training.precision_util import resolve_precision
+from training.scan import scan
+from training.train_loop import (
+    TrainingError,
+    TrainState,
+    build_trainer,
+    train_step,
+    validate,
+    validation_images,
+)
+from training.train_util import MetricsLog, StopSignals
+
+
+def main(args: argparse.Namespace) -> Path:
+    """Train; returns the path of the last checkpoint written. A run stopped by SIGINT or SIGTERM
+    saves a checkpoint, then raises StoppedBySignal (exit code 130 or 143)."""
+    check_args(args)  # again, for callers that skip the command line
+    # -- set-up, in the order that fails fastest on bad input: data, processes, model, outputs --
+    cache_dir = Path(args.cache_dir) if args.cache_dir else cache_root() / "cache"
+    records = scan(args.data_dir, cache_dir / "scan")
+    train_records, val_records = split_validation(records, args.validation_split, args.seed)
+    dist = init_distributed(args.device)
+    buckets = assign_buckets(train_records, args.image_size) if args.bucket else None
+    if buckets and dist.main:
+        print(bucket_table(buckets))
+    augment = (args.center_crop, args.random_flip, args.caption_dropout)
+    data = TrainingData(train_records, args.image_size, *augment, args.seed, buckets)
+    val_data = TrainingData(val_records, args.image_size, center_crop=True, seed=args.seed)
+    accum = args.gradient_accumulation_steps
+    epoch_steps = steps_per_epoch(data, args.batch_size, dist.world, accum)
+    max_steps = args.max_train_steps or args.num_epochs * epoch_steps
+    prompts = read_prompt_file(args.validation_prompts) if args.validation_prompts else []
+    resume = load_checkpoint(args.resume) if args.resume else None
+    model_folder = resolve_model(args.pretrained_model)
+    precision = resolve_precision(args.precision, dist.device, full_finetune=not args.use_lora)
+    output_dir = Path(args.output_dir)
+    # One run per folder: a folder that holds another run is refused (see --overwrite).
+    lock = claim_output_dir(output_dir, args.resume, args.overwrite) if dist.main else None
+    config = {  # plain values only: it goes into checkpoints loaded with weights_only=True
+        **vars(args),
+        **{k: str(Path(v).resolve()) for k, v in vars(args).items() if k in PATH_FLAGS and v},
+        "base_model": str(model_folder.resolve()),
+        "resolved_precision": precision.name,
+        "resolved_device": str(dist.device),
+        "processes": dist.world,
+    }
+    if dist.main:
+        write_json(config, output_dir / "config.json")
+
+    # -- models, encoders (or caches), optimizer, and a resumed run's state ----------------------
+    torch.manual_seed(args.seed)
+    parts = load_sdxl(
+        model_folder, precision.unet_dtype, dist.device, precision.text_dtype, args.vae
+    )
+    cached = (args.cache_latents, args.cache_text_embeddings)
+    data, val_data, encode_images, encode_text = encoders(
+        parts, data, val_data, *cached, cache_dir, dist
+    )
+    if all(cached) and not prompts:
+        parts.vae.to("cpu")  # not needed on the device any more
+        parts.text_encoder.to("cpu")
+    tr = build_trainer(args, parts, encode_images, encode_text, precision, dist, max_steps)
+    state = TrainState()
+    if resume is not None:
+        restore_checkpoint(resume, Path(args.resume), tr, state)
+    val_batches = fixed_batches(val_data, args.batch_size)
+    # Every step's micro-batches, from where the run stands (mid-epoch, for a resumed run).
+    steps = optimizer_steps(
+        data, args.batch_size, accum, state.epoch, state.position, dist, args.num_workers
+    )
+
+    # -- the loop: one optimizer step an iteration; only the first process writes ----------------
+    samples_per_step = args.batch_size * dist.world * accum
+    last, stopped = output_dir, 0
+    metrics_file = output_dir / "metrics.jsonl" if dist.main else None
+    metrics = MetricsLog(metrics_file, args.wandb_project, config, resumed_at=state.step)
+    bar = tqdm(total=max_steps, initial=state.step, desc="train", disable=not dist.main)
+    with metrics, bar, StopSignals() as stop:
+        tick = time.perf_counter()
+        for micro_batches, epoch, position in itertools.islice(steps, max_steps - state.step):
+            loss, grad_norm = torch.stack(train_step(tr, micro_batches)).tolist()  # one device sync
+            if not math.isfinite(loss):
+                raise TrainingError(
+                    f"loss is {loss}; stopping without saving "
+                    "(try a lower --learning_rate, or --precision bf16/fp32)"
+                )
+            tock, tick = tick, time.perf_counter()
+            record = {
+                "step": state.step + 1,
+                "epoch": state.epoch,
+                "loss": loss,
+                "lr": tr.lr_scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "images_per_s": samples_per_step / (tick - tock),
+            }
+            epoch_done = epoch > state.epoch
+            state.advance(loss, epoch, position)
+            # Every process stops at the same step, whichever of them got the signal.
+            if dist.any(stop.received is not None):
+                stopped = stop.received or signal.SIGTERM
+
+            final = state.step == max_steps
+            interval = bool(args.save_interval) and state.step % args.save_interval == 0
+            kinds = ["step"] * (interval or bool(stopped) or (final and not epoch_done))
+            kinds += ["epoch"] * epoch_done
+            validating = bool(args.validation_steps) and state.step % args.validation_steps == 0
+            if dist.main and val_batches and (validating or kinds) and not stopped:
+                record["val_loss"] = validate(tr, val_batches)
+            if dist.main and prompts and validating:
+                path = output_dir / f"validation_step{state.step:06d}.png"
+                validation_images(tr, parts, prompts, args, path)
+                metrics.log_image("validation", path, state.step)
+            metrics.log(record)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
+            bar.update(1)
+            if dist.main and kinds:  # the lowest-loss checkpoint follows val_loss if there is one
+                tracked = None if stopped else record.get("val_loss", state.smoothed_loss)
+                last = save_checkpoints(
+                    output_dir, kinds, tr, state, config, tracked, args.keep_last
+                )
+            if stopped:
+                break
+    dist.close()
+    if lock is not None:
+        lock.release()
+        print(f"checkpoints, config.json and metrics.jsonl are in {output_dir.resolve()}")
+    if stopped:
+        raise StoppedBySignal(
+            stopped, f"stopped by a signal at step {state.step}; saved {last}", last
+        )
+    return last
 
 
 if __name__ == "__main__":

@@ -39,9 +39,10 @@ from sdxl.pretrained import (
     write_random_sdxl,
 )
 from training.cache import encoders
-from training.data_loader import TrainingData, collate, scan
+from training.data_loader import TrainingData, collate
 from training.distributed import Distributed
 from training.precision_util import resolve_device, resolve_precision
+from training.scan import scan
 from training.train_loop import build_trainer, micro_batch_loss, optimizer_update
 
 

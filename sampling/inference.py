@@ -13,14 +13,12 @@ embedding is all zeros.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from PIL import Image
 
 from sampling.samplers import SAMPLERS, EpsModel, randn
 from sdxl.diffusion import NoiseSchedule
-from sdxl.errors import UserError
 from sdxl.lora import merge_lora
 from sdxl.lora_formats import LoRAModules, attach_lora
 from sdxl.text_encoders import SDXLTextEncoder
@@ -114,19 +112,8 @@ def image_grid(images: torch.Tensor) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompt files and LoRAs
+# LoRAs
 # ---------------------------------------------------------------------------------------------
-
-
-def read_prompt_file(path: str | Path) -> list[str]:
-    """One prompt a line, blank lines skipped; a missing or empty file is a one-line error."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompt file {path} does not exist")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise UserError(f"prompt file {path} has no prompts (one prompt a line)")
-    return prompts
 
 
 def apply_lora(

@@ -11,11 +11,23 @@ class UserError(Exception):
     problem and the fix."""
 
 
+class StoppedBySignal(Exception):
+    """A run that saved its state and stopped on SIGINT or SIGTERM. The scripts exit with the
+    shell's code for that signal, 128 + its number (130, 143), so that `train && generate` stops."""
+
+    def __init__(self, signum: int, message: str, checkpoint: Any = None):
+        super().__init__(message)
+        self.signum, self.checkpoint = int(signum), checkpoint
+
+
 def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser) -> None:
     """A script's entry point: parse, run, and turn a UserError into one line on stderr and exit
-    code 2 (no traceback)."""
+    code 2 (no traceback); a run stopped by a signal exits with 128 + the signal's number."""
     try:
         main(parser.parse_args())
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except StoppedBySignal as e:
+        print(e, file=sys.stderr)
+        sys.exit(128 + e.signum)

@@ -23,8 +23,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from sdxl.errors import UserError
-
-TARGET_MODES = ("attention", "attention_out", "all")
+from sdxl.options import TARGET_MODES
 
 
 class LoRAError(UserError, ValueError):

@@ -31,13 +31,15 @@ from torch import nn
 
 from sdxl.files import atomic_write
 from sdxl.lora import LoRAError, LoRALinearWrapper
+from sdxl.options import LORA_FORMATS
 from sdxl.unet import UNet2DConditionModel
 from sdxl.weights import read_safetensors, read_safetensors_header
 
 log = logging.getLogger(__name__)
 
 LoRAModules = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
-FORMATS = ("native", "diffusers", "kohya")
+# In the metadata of every file the project writes for sharing, so that it can tell its own files.
+WRITTEN_BY = {"written_by": "sdxl-lora"}
 
 
 def modules_from_state_dict(
@@ -144,7 +146,7 @@ def to_state_dict(modules: LoRAModules, fmt: str, layers_per_block: int = 2) -> 
         # diffusers stores the peft LoraConfig of each component with the component's prefix.
         metadata["lora_adapter_metadata"] = json.dumps({f"unet.{k}": v for k, v in config.items()})
     else:
-        raise LoRAError(f"unknown LoRA format {fmt!r}; choose one of {FORMATS}")
+        raise LoRAError(f"unknown LoRA format {fmt!r}; choose one of {LORA_FORMATS}")
     return {k: v.contiguous() for k, v in tensors.items()}, metadata
 
 
@@ -162,6 +164,7 @@ def save_lora_file(
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     metadata.update({k: str(v) for k, v in info.items()})
+    metadata.update(WRITTEN_BY)
     metadata["format"] = "pt"
     metadata["lora_format"] = fmt
     if fmt == "kohya":  # what kohya-based tools display

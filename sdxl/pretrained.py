@@ -19,12 +19,12 @@ import torch
 from safetensors.torch import save_file
 
 from sdxl.diffusion import NoiseSchedule
+from sdxl.files import cache_root
 from sdxl.text_encoders import SDXLTextEncoder
 from sdxl.unet import UNet2DConditionModel, config_from_diffusers, load_unet
 from sdxl.vae import SDXLVAE
 from sdxl.weights import WeightsError
 
-DEFAULT_MODEL = "./weights/sdxl-base-1.0"
 SDXL_CONFIGS = Path(__file__).parent / "configs" / "sdxl-base-1.0"
 DOWNLOAD_HINT = (
     "get the weights with: hf download stabilityai/stable-diffusion-xl-base-1.0 "
@@ -111,11 +111,6 @@ def load_sdxl(
 # ---------------------------------------------------------------------------------------------
 # The tiny SDXL
 # ---------------------------------------------------------------------------------------------
-
-
-def cache_root() -> Path:
-    """Where the project caches things: $SDXL_LORA_CACHE, else ~/.cache/sdxl-lora."""
-    return Path(os.environ.get("SDXL_LORA_CACHE") or Path.home() / ".cache" / "sdxl-lora")
 
 
 def tiny_cache_dir() -> Path:

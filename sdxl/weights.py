@@ -40,8 +40,13 @@ def read_safetensors_header(path: str | Path) -> tuple[dict, int]:
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
+            # The header's length comes first; a text file read this way gives absurd lengths.
+            if n > path.stat().st_size - 8:
+                raise ValueError(f"its header length {n} is larger than the file")
             header = json.loads(f.read(n))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+    except (OSError, ValueError, struct.error) as e:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
     return header, 8 + n
 

@@ -1,12 +1,17 @@
 """Shared fixtures: tiny SDXL-shaped configs for CPU tests."""
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# The project's cache (scan indexes, cached latents, the tiny SDXL) goes to a fresh folder, not the
+# user's ~/.cache/sdxl-lora; subprocesses inherit it.
+os.environ["SDXL_LORA_CACHE"] = tempfile.mkdtemp(prefix="sdxl-lora-test-cache-")
 
 SDXL_CONFIGS = ROOT / "sdxl" / "configs" / "sdxl-base-1.0"
 EXAMPLES = ROOT / "examples" / "shapes"

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data_loader import DataError, TrainingData, prepare, scan
+from training.data_loader import TrainingData, prepare
+from training.scan import DataError, scan
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "shapes"
@@ -72,19 +73,21 @@ def test_crop_and_micro_conditioning_for_a_known_image():
             assert torch.equal(flipped, plain.flip(-1))
 
 
-def test_bad_files_are_skipped_and_named(tmp_path, caplog):
+def test_bad_files_are_skipped_and_named(tmp_path, caplog, capsys):
     for i in range(3):
         Image.new("RGB", (16, 16)).save(tmp_path / f"{i}.png")
         (tmp_path / f"{i}.txt").write_text(f"caption {i}")
     (tmp_path / "1.txt").unlink()
     (tmp_path / "2.png").write_bytes(b"not an image")
-    with caplog.at_level(logging.INFO, logger="training.data_loader"):
+    with caplog.at_level(logging.WARNING, logger="training.scan"):
         records = scan(tmp_path)
     assert [r.key for r in records] == ["0.png"]
     messages = [r.getMessage() for r in caplog.records]
     assert any("1.png" in m and "no caption" in m for m in messages)
     assert any("2.png" in m and "not a readable image" in m for m in messages)
-    assert any("1 image-caption pairs" in m and "2 skipped" in m for m in messages)
+    # The summary is printed (it was logged at INFO, which nothing showed).
+    out = capsys.readouterr().out
+    assert "data: 1 image-caption pairs" in out and "; 2 skipped" in out
 
 
 def test_empty_or_missing_folder(tmp_path):

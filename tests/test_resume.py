@@ -12,7 +12,7 @@ from diffusers import StableDiffusionXLPipeline
 import extract_lora_weights
 import resume_training
 import train_sdxl
-from sdxl.errors import UserError
+from sdxl.errors import StoppedBySignal, UserError
 from sdxl.lora_formats import attach_lora, read_lora_file
 from sdxl.unet import load_unet
 from training.checkpoint import load_checkpoint
@@ -77,7 +77,10 @@ def test_signal_saves_and_resume_finishes(tiny_model, tmp_path, straight, monkey
         return out
 
     monkeypatch.setattr(train_sdxl, "train_step", step_then_sigterm)
-    stopped = train_sdxl.main(args_for(tiny_model, tmp_path, "--max_train_steps", "6"))
+    with pytest.raises(StoppedBySignal) as info:  # exit code 143 from the command line
+        train_sdxl.main(args_for(tiny_model, tmp_path, "--max_train_steps", "6"))
+    assert info.value.signum == signal.SIGTERM
+    stopped = info.value.checkpoint
     ckpt = load_checkpoint(stopped)
     assert ckpt["step"] == 5 and ckpt["epoch"] == 1 and ckpt["position"] == 2
     monkeypatch.setattr(train_sdxl, "train_step", real_step)

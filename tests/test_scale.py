@@ -7,7 +7,8 @@ from conftest import train_argv
 from PIL import Image
 
 import train_sdxl
-from training.data_loader import TrainingData, assign_buckets, batches, bucket_sizes, scan
+from training.data_loader import TrainingData, assign_buckets, batches, bucket_sizes
+from training.scan import scan
 
 
 def run(tiny_model, out, *extra):

@@ -7,13 +7,15 @@ import torch
 from conftest import EXAMPLES, train_argv
 
 import train_sdxl
+import training.noise
 from sdxl.errors import UserError
 from sdxl.files import atomic_write
 from sdxl.pretrained import load_sdxl
 from training.checkpoint import load_checkpoint, prune_step_checkpoints, read_lora_weights
-from training.data_loader import TrainingData, collate, scan
+from training.data_loader import TrainingData, collate
 from training.distributed import Distributed
 from training.precision_util import resolve_precision
+from training.scan import scan
 from training.train_loop import TrainingError, build_trainer, train_step
 
 
@@ -106,10 +108,13 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left
 
 
-def test_nan_loss_stops_without_writing_weights(tiny_model, tmp_path):
-    args = train_args(
-        tiny_model, tmp_path, "--use_lora", "--max_train_steps", "3", "--noise_offset", "nan"
-    )
+def test_nan_loss_stops_without_writing_weights(tiny_model, tmp_path, monkeypatch):
+    # --noise_offset nan used to make the NaN; flags are checked now, so the noise is patched.
+    nan_noise = lambda offset: lambda seeds, shape: torch.full(
+        tuple(shape), float("nan")
+    )  # noqa: E731
+    monkeypatch.setattr(training.noise, "make_noise", nan_noise)
+    args = train_args(tiny_model, tmp_path, "--use_lora", "--max_train_steps", "3")
     with pytest.raises(TrainingError, match="loss is nan"):
         train_sdxl.main(args)
     assert not list(tmp_path.glob("*.pt"))

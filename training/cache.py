@@ -22,8 +22,12 @@ from tqdm import tqdm
 
 from sdxl.files import atomic_write
 from sdxl.pretrained import SDXLParts
-from training.data_loader import TrainingData, record_bytes, sample_seed
+from training.data_loader import UNREADABLE, TrainingData, record_bytes, sample_seed
 from training.distributed import Distributed
+
+# Bump to retire every cached latent (when the way images are decoded changes: EXIF and 16-bit
+# handling came with version 2).
+LATENT_CACHE_VERSION = 2
 
 # images, or cached moments -> VAE posterior moments (B, 8, h, w)
 ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
@@ -66,15 +70,19 @@ class CachedLatents(TrainingData):
         )
         folder = cache_dir / "latents"
         folder.mkdir(parents=True, exist_ok=True)
-        self.files: list[Path] = []
+        self.files: list[Path | None] = []  # None: the image cannot be decoded
         for i, record in enumerate(tqdm(self.records, desc="caching latents", dynamic_ncols=True)):
             content = record_bytes(record)
             # One crop / flip per image for the whole run, drawn from the seed and the image's index.
             g = torch.Generator().manual_seed(sample_seed(self.seed, -1 - i))
-            pixels, time_ids = super().image(i, g)
+            try:
+                pixels, time_ids = super().image(i, g)
+            except UNREADABLE:
+                self.files.append(None)  # skipped, with a warning, when a batch asks for it
+                continue
             key = hashlib.sha256(
                 hashlib.sha256(content).digest()
-                + f"{self.targets[i]}{time_ids.tolist()}{vae_id}".encode()
+                + f"{LATENT_CACHE_VERSION}{self.targets[i]}{time_ids.tolist()}{vae_id}".encode()
             ).hexdigest()[:32]
             path = folder / f"{key}.safetensors"
             if not path.is_file():
@@ -82,7 +90,10 @@ class CachedLatents(TrainingData):
             self.files.append(path)
 
     def image(self, i: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        entry = load_file(self.files[i])
+        path = self.files[i]
+        if path is None:
+            raise OSError("the image could not be decoded when the latents were cached")
+        entry = load_file(path)
         return entry["moments"], entry["time_ids"]
 
 

@@ -19,6 +19,7 @@ they still load, and are pruned with their UNet file.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from dataclasses import asdict
 from datetime import datetime
@@ -28,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from sdxl.errors import UserError
-from sdxl.files import atomic_write
+from sdxl.files import TMP_SUFFIX, FolderLock, atomic_write, make_folder, remove_stale_tmp
 from sdxl.lora import get_lora_state_dict, load_lora_state_dict
 from sdxl.lora_formats import LoRAModules, modules_from_state_dict, read_lora_file
 from sdxl.unet import UNet2DConditionModel
@@ -69,6 +70,45 @@ def _companions(path: Path) -> list[Path]:
 def _remove(path: Path) -> None:
     for p in [path, *_companions(path)]:
         p.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's folder: one run per --output_dir
+# ---------------------------------------------------------------------------------------------
+
+# What a training run writes into its --output_dir, besides its lock and temporary files.
+RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "validation_step*.png",
+    "wandb",
+    *(f"{prefix}_*.{ext}" for prefix in ("lora", "full", "unet") for ext in ("pt", "safetensors")),
+)
+
+
+def claim_output_dir(folder: Path, resume: str | None, overwrite: bool) -> FolderLock:
+    """Take --output_dir for this run, before anything is written there: create it, lock it (one
+    run at a time), remove an interrupted run's temporary files, and make sure it holds no other
+    run's files. A folder that holds a run is refused, unless this run resumes one of that run's
+    checkpoints (it then continues the run, and metrics.jsonl continues from the checkpoint's step)
+    or --overwrite is given (the old run's files are deleted first)."""
+    make_folder(folder, "--output_dir")
+    lock = FolderLock(folder, "--output_dir").acquire()
+    if removed := remove_stale_tmp(folder):
+        print(f"removed {removed} temporary files an interrupted run left in {folder}")
+    existing = sorted({p for pattern in RUN_FILES for p in folder.glob(pattern)})
+    continuing = resume is not None and Path(resume).resolve().parent == folder.resolve()
+    if existing and not continuing:
+        if not overwrite:
+            lock.release()
+            raise UserError(
+                f"--output_dir {folder} holds another run ({len(existing)} files, e.g. "
+                f"{existing[0].name}); choose another folder, --resume one of its checkpoints "
+                "to continue it, or pass --overwrite to delete it first"
+            )
+        for path in existing:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return lock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +235,12 @@ def find_checkpoints(folder: Path) -> list[tuple[Path, dict]]:
     folder = folder.resolve()
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder of checkpoints")
+    if stale := len(list(folder.glob(f".*{TMP_SUFFIX}"))):
+        print(
+            f"warning: {folder} holds {stale} temporary files left by an interrupted write; "
+            "the next training run into this folder removes them",
+            file=sys.stderr,
+        )
     found = []
     for path in sorted(folder.glob("*.pt")):
         try:

@@ -1,4 +1,5 @@
-"""Image + caption data for SDXL training: a folder of pairs, or WebDataset tar shards.
+"""Image + caption data for SDXL training, as scanned by training/scan.py: decoding, crops,
+buckets, and the batches of each optimizer step.
 
 Each example becomes a square `image_size` crop in [-1, 1] plus SDXL's micro-conditioning, taken from
 the real numbers: the source image's size, the crop's top-left corner in the resized image (mirrored
@@ -13,113 +14,22 @@ resumes mid-way, or is split over several processes.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
-import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from sdxl.errors import UserError
 from training.distributed import Distributed
+from training.scan import DataError, Record
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-
-
-class DataError(UserError, ValueError):
-    """Unusable training data; the message says what is wrong and how to fix it."""
-
-
-@dataclass(frozen=True)
-class Record:
-    """One training example: where its image bytes are, and its caption."""
-
-    key: str  # file name (folder) or "<shard>/<key>" (WebDataset)
-    caption: str
-    path: Path  # the image file, or the tar shard
-    offset: int = -1  # where the image's bytes start inside the shard (-1: a plain file)
-    length: int = 0
-
-
-def _decodable(data: bytes | Path) -> bool:
-    try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-            im.verify()
-        return True
-    except Exception:
-        return False
-
-
-def scan(data_dir: str | Path) -> list[Record]:
-    """Every usable (image, caption) pair, sorted by key. Unreadable images and images without a
-    caption are skipped with one warning each and counted in a summary line."""
-    folder = Path(data_dir)
-    if not folder.is_dir():
-        raise DataError(
-            f"data folder {folder} does not exist; pass --data_dir FOLDER of image + .txt pairs or .tar shards"
-        )
-    shards = sorted(folder.glob("*.tar"))
-    records, skipped = _scan_shards(shards) if shards else _scan_folder(folder)
-    kind = f"{len(shards)} WebDataset shards" if shards else "an image folder"
-    log.info(
-        "data: %d image-caption pairs from %s in %s; %d skipped",
-        len(records),
-        kind,
-        folder,
-        skipped,
-    )
-    if not records:
-        raise DataError(
-            f"no usable image + caption pairs in {folder}: expected name.jpg|jpeg|png|webp with name.txt, or .tar shards"
-        )
-    return records
-
-
-def _scan_folder(folder: Path) -> tuple[list[Record], int]:
-    records, skipped = [], 0
-    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
-        caption_file = path.with_suffix(".txt")
-        if not caption_file.is_file():
-            log.warning("skipping %s: no caption file %s", path, caption_file.name)
-            skipped += 1
-        elif not _decodable(path):
-            log.warning("skipping %s: not a readable image", path)
-            skipped += 1
-        else:
-            records.append(Record(path.name, caption_file.read_text().strip(), path))
-    return records, skipped
-
-
-def _scan_shards(shards: list[Path]) -> tuple[list[Record], int]:
-    """Index the shards once: WebDataset groups a sample's files by the name before the first dot."""
-    import webdataset as wds
-
-    records, skipped = [], 0
-    for shard in shards:
-        with tarfile.open(shard) as tar:  # byte ranges of the members, for random access later
-            members = {m.name: (m.offset_data, m.size) for m in tar.getmembers()}
-        for sample in wds.WebDataset(str(shard), shardshuffle=False, empty_check=False):
-            key = sample["__key__"]
-            image_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
-            name = f"{shard.name}/{key}"
-            if image_ext is None:
-                log.warning("skipping %s: no image", name)
-                skipped += 1
-            elif "txt" not in sample:
-                log.warning("skipping %s.%s: no caption", name, image_ext)
-                skipped += 1
-            elif not _decodable(sample[image_ext]):
-                log.warning("skipping %s.%s: not a readable image", name, image_ext)
-                skipped += 1
-            else:
-                caption = sample["txt"].decode("utf-8").strip()
-                records.append(Record(name, caption, shard, *members[f"{key}.{image_ext}"]))
-    return records, skipped
+# Errors Pillow raises for a file it cannot decode (truncated, corrupt, too large to be safe).
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def record_bytes(record: Record) -> bytes:
@@ -131,12 +41,16 @@ def record_bytes(record: Record) -> bytes:
         return f.read(record.length)
 
 
-def open_image(record: Record) -> Image.Image:
-    return Image.open(io.BytesIO(record_bytes(record)))
-
-
 def load_image(record: Record) -> Image.Image:
-    with open_image(record) as im:
+    """The record's image, upright (its EXIF orientation applied) and in 8-bit RGB. A 16-bit
+    grayscale image (mode I;16 or I) is scaled down to 8 bits, not clipped; an alpha channel is
+    dropped (the stored colours are used, as kohya does)."""
+    with Image.open(io.BytesIO(record_bytes(record))) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I") or im.mode == "F":
+            values = np.asarray(im, dtype=np.float64)
+            scale = 255 / 65535 if im.mode.startswith("I") else (255 if values.max() <= 1 else 1)
+            im = Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8))
         return im.convert("RGB")
 
 
@@ -187,14 +101,13 @@ def bucket_sizes(image_size: int, max_ratio: float = 4.0) -> list[tuple[int, int
 
 
 def assign_buckets(records: list[Record], image_size: int) -> list[tuple[int, int]]:
-    """Each record's bucket: the one whose aspect ratio is closest to the image's (in log space)."""
+    """Each record's bucket: the one whose aspect ratio is closest to the image's (in log space),
+    from the upright size the scan recorded."""
     sizes = bucket_sizes(image_size)
-    out = []
-    for record in records:
-        with open_image(record) as im:
-            w, h = im.size
-        out.append(min(sizes, key=lambda s: abs(math.log(s[0] / s[1]) - math.log(w / h))))
-    return out
+    return [
+        min(sizes, key=lambda s: abs(math.log(s[0] / s[1]) - math.log(r.size[0] / r.size[1])))
+        for r in records
+    ]
 
 
 # (pixels (B, 3, H, W) or cached VAE moments (B, 8, h, w), time ids (B, 6), captions, sample ids (B,))
@@ -240,19 +153,32 @@ class TrainingData(torch.utils.data.Dataset):
         self.caption_dropout = caption_dropout
         # Each record's (width, height) target: its bucket, or the square training size.
         self.targets = buckets or [(image_size, image_size)] * len(records)
+        self.unreadable: set[str] = set()  # keys already warned about
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, str, int]:
+        """A file that cannot be decoded (a truncated JPEG, say) is skipped with one warning and
+        the next record takes its place, so that a bad file found mid-run never ends the run."""
         i, sample_id = item
-        g = torch.Generator().manual_seed(sample_seed(self.seed, sample_id))
-        # Caption dropout: the empty prompt, so the model also learns the unconditional branch of
-        # classifier-free guidance. Drawn first, so it does not depend on how the image is made.
-        dropped = torch.rand(1, generator=g).item() < self.caption_dropout
-        caption = "" if dropped else self.records[i].caption
-        image, time_ids = self.image(i, g)
-        return image, time_ids, caption, sample_id
+        for j in itertools.islice(itertools.count(i), len(self.records)):
+            j %= len(self.records)
+            g = torch.Generator().manual_seed(sample_seed(self.seed, sample_id))
+            # Caption dropout: the empty prompt, so the model also learns the unconditional branch
+            # of classifier-free guidance. Drawn first, so it does not depend on the image.
+            dropped = torch.rand(1, generator=g).item() < self.caption_dropout
+            try:
+                image, time_ids = self.image(j, g)
+            except UNREADABLE as e:
+                if self.records[j].key not in self.unreadable:
+                    self.unreadable.add(self.records[j].key)
+                    log.warning(
+                        "skipping %s: %s (the next image takes its place)", self.records[j].key, e
+                    )
+                continue
+            return image, time_ids, "" if dropped else self.records[j].caption, sample_id
+        raise DataError(f"none of the {len(self.records)} images can be decoded")
 
     def image(self, i: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Record i's training input and time ids, with its random crop and flip drawn from g."""

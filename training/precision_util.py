@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from sdxl.errors import UserError
+from sdxl.options import PRECISIONS
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = dict(zip(PRECISIONS, (torch.bfloat16, torch.float16, torch.float32)))
 
 
 def resolve_device(name: str) -> torch.device:

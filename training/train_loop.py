@@ -17,12 +17,15 @@ import argparse
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from sampling.inference import Pipeline, generate_unique_batch, image_grid
 from sdxl.diffusion import NoiseSchedule
 from sdxl.errors import UserError
+from sdxl.files import atomic_write
 from sdxl.lora import apply_lora_to_unet
 from sdxl.pretrained import SDXLParts
 from sdxl.unet import UNet2DConditionModel
@@ -252,3 +255,21 @@ def validate(
             loss = diffusion_loss(tr, tr.unet, latents, context, pooled, time_ids, t, n)
             losses.append(loss.mean())
     return float(torch.stack(losses).mean()) if losses else 0.0
+
+
+def validation_images(
+    tr: Trainer, parts: SDXLParts, prompts: list[str], args: argparse.Namespace, path: Path
+) -> None:
+    """Fixed-seed images of the validation prompts (prompt i from --seed + i) at --image_size, as
+    one PNG grid, with the EMA weights if the run keeps them."""
+    if tr.ema is not None:
+        tr.ema.swap()
+    dtype = tr.precision.compute_dtype
+    pipe = Pipeline(tr.unet, parts.text_encoder, parts.vae, parts.schedule, tr.device, dtype)
+    seeds = [args.seed + i for i in range(len(prompts))]
+    size, steps = args.image_size, args.validation_sampling_steps
+    images = generate_unique_batch(pipe, prompts, seeds, size, size, steps)
+    if tr.ema is not None:
+        tr.ema.swap()
+    with atomic_write(path) as tmp:
+        image_grid(images).save(tmp, format="PNG")

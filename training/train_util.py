@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from sdxl.files import atomic_write
+
 # ---------------------------------------------------------------------------------------------
 # Random state
 # ---------------------------------------------------------------------------------------------
@@ -59,13 +61,32 @@ def lr_lambda(kind: str, warmup: int, total: int):
 # ---------------------------------------------------------------------------------------------
 
 
+def _step(line: str) -> float:
+    """A metrics line's step (a line cut short by a crash counts as after every step)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def write_lines(path: Path, lines: list[str]) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in lines))
+
+
 class MetricsLog:
     """Always a local JSONL file (one object per optimizer step); W&B too when a project is given.
     With no path (a data-parallel process other than the first) it writes nothing."""
 
     def __init__(
-        self, path: Path | None, wandb_project: str | None = None, config: dict | None = None
+        self,
+        path: Path | None,
+        wandb_project: str | None = None,
+        config: dict | None = None,
+        resumed_at: int = 0,
     ):
+        if path is not None and path.is_file():  # a resumed run's file: drop what followed its step
+            write_lines(path, [r for r in path.read_text().splitlines() if _step(r) <= resumed_at])
         self.file = open(path, "a") if path is not None else None
         self.wandb = None
         if wandb_project and path is not None:

@@ -1,0 +1,67 @@
+"""What the scripts' flags choose from, and the checks of their values, free of torch.
+
+The scripts parse and check every flag before their heavy imports (torch, transformers and diffusers
+take about 20 s to import on a small machine), so that `--help` and a bad flag answer at once. The
+names below are defined here for that reason; each is used by the module named beside it, and a
+test checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from sdxl.errors import UserError
+
+DEFAULT_MODEL = "./weights/sdxl-base-1.0"
+PRECISIONS = ("bf16", "fp16", "fp32")  # training/precision_util.py: DTYPES
+TARGET_MODES = ("attention", "attention_out", "all")  # sdxl/lora.py
+LORA_FORMATS = ("native", "diffusers", "kohya")  # sdxl/lora_formats.py
+SAMPLER_NAMES = ("euler", "ddim", "ddpm")  # sampling/samplers.py: SAMPLERS
+
+# A rule for a number: the test and how to say what it must be.
+Rule = tuple[Callable[[float], bool], str]
+AT_LEAST_1: Rule = (lambda v: v >= 1, "at least 1")
+AT_LEAST_0: Rule = (lambda v: v >= 0, "0 or more")
+POSITIVE: Rule = (lambda v: v > 0, "positive")
+FRACTION: Rule = (lambda v: 0 <= v <= 1, "between 0 and 1")
+BELOW_1: Rule = (lambda v: 0 <= v < 1, "at least 0 and below 1")
+MULTIPLE_OF_8: Rule = (lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8 (the VAE's)")
+
+
+def flag(dest: str, hyphens: bool) -> str:
+    """The flag's spelling: `--batch_size` for training, `--batch-size` for generation."""
+    return "--" + (dest.replace("_", "-") if hyphens else dest)
+
+
+def check_numbers(args: argparse.Namespace, rules: dict[str, Rule], hyphens: bool = False) -> None:
+    """One line for the first flag whose value breaks its rule (or is not a finite number).
+    Flags left unset (None) are not checked."""
+    for dest, (ok, what) in rules.items():
+        value = getattr(args, dest)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise UserError(f"{flag(dest, hyphens)} must be {what}, got {value}")
+
+
+def check_output_dir(path: str | Path, name: str) -> None:
+    """A folder the run can create or write into: not a file, and not under one."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{name} {path} is a file, not a folder; give a folder")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{name} {path} is inside {parent}, which is a file; give a folder")
+
+
+def check_file(path: str | Path | None, name: str) -> None:
+    if path is not None and not Path(path).is_file():
+        raise UserError(f"{name} {path} does not exist (or is not a file)")
+
+
+def check_folder(path: str | Path | None, name: str) -> None:
+    if path is not None and not Path(path).is_dir():
+        raise UserError(f"{name} {path} does not exist (or is not a folder)")
