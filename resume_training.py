@@ -19,7 +19,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from sdxl.errors import UserError
+from sdxl.errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parent
 
@@ -53,8 +53,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def check_args(args: argparse.Namespace) -> None:
+    folder = Path(args.auto or args.list)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder of checkpoints")
+    if not any(folder.glob("*.pt")):
+        raise UserError(f"no loadable training checkpoint (.pt) in {folder.resolve()}")
+
+
 if __name__ == "__main__":
-    parse_args(sys.argv[1:])  # --help and bad flags answer before the heavy imports below
+    # --help, bad flags and a folder without checkpoints answer before the heavy imports below.
+    run_cli(check_args, lambda: parse_args(sys.argv[1:]))
 
 import train_sdxl
 from training.checkpoint import find_checkpoints
@@ -114,8 +123,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(parse_args(sys.argv[1:])))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, lambda: parse_args(sys.argv[1:]))

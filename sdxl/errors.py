@@ -20,11 +20,18 @@ class StoppedBySignal(Exception):
         self.signum, self.checkpoint = int(signum), checkpoint
 
 
-def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser) -> None:
-    """A script's entry point: parse, run, and turn a UserError into one line on stderr and exit
-    code 2 (no traceback); a run stopped by a signal exits with 128 + the signal's number."""
+def run_cli(
+    main: Callable[[argparse.Namespace], Any],
+    parse: argparse.ArgumentParser | Callable[[], argparse.Namespace],
+) -> None:
+    """A script's entry point: parse the command line (with the parser, or the function given), run,
+    and turn a UserError into one line on stderr and exit code 2 (no traceback); a run stopped by a
+    signal exits with 128 + the signal's number, and an int that `main` returns is the exit code."""
     try:
-        main(parser.parse_args())
+        args = parse.parse_args() if isinstance(parse, argparse.ArgumentParser) else parse()
+        result = main(args)
+        if isinstance(result, int):
+            sys.exit(result)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

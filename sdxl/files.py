@@ -41,7 +41,7 @@ def _umask() -> int:
     return mask
 
 
-def _write_error(e: BaseException, path: Path, free: int | None) -> UserError | None:
+def write_error(e: BaseException, path: Path, free: int | None = None) -> UserError | None:
     """The one-line form of a failed write, or None for a failure that is not about the disk."""
     code = getattr(e, "errno", None)
     # torch.save reports a full disk as "RuntimeError: [enforce fail at inline_container.cc] unexpected
@@ -63,7 +63,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     try:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     except OSError as e:
-        raise _write_error(e, path, None) or e from None
+        raise write_error(e, path) or e from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -73,7 +73,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     except Exception as e:
         free = shutil.disk_usage(path.parent).free  # before the partial file is removed
         tmp.unlink(missing_ok=True)
-        raise _write_error(e, path, free) or e from None
+        raise write_error(e, path, free) or e from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -116,6 +116,12 @@ class FolderLock:
         self.me = f"{socket.gethostname()} {os.getpid()}"
 
     def acquire(self) -> FolderLock:
+        try:
+            return self._acquire()
+        except OSError as e:
+            raise write_error(e, self.path) or e from None
+
+    def _acquire(self) -> FolderLock:
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -36,6 +36,7 @@ class SDXLTextEncoder(nn.Module):
         self.text_encoder = text_encoder.requires_grad_(False).eval()
         self.text_encoder_2 = text_encoder_2.requires_grad_(False).eval()
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.warned: set[str] = set()  # prompts already reported as truncated
 
     @classmethod
     def from_pretrained(
@@ -68,25 +69,33 @@ class SDXLTextEncoder(nn.Module):
         return self.text_encoder_2.dtype
 
     def _tokenize(self, tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
-        """(B, 77) ids; longer prompts keep BOS, the first 75 tokens and EOS, with one warning."""
+        """(B, 77) ids; longer prompts keep BOS, the first 75 tokens and EOS."""
         n = tokenizer.model_max_length
         ids = tokenizer(
             prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt"
         )
-        full = tokenizer(prompts, padding=False, truncation=False).input_ids
-        for prompt, f in zip(prompts, full):
-            if len(f) > n:
+        return ids.input_ids.to(self.device)
+
+    def _warn_truncated(self, prompts: list[str]) -> None:
+        """One warning per prompt that is longer than 77 tokens, the first time it is seen (a
+        training caption comes back every epoch). Both tokenizers split text the same way, so the
+        first one counts; verbose=False keeps transformers from adding its own warning."""
+        n = self.tokenizer.model_max_length
+        for prompt in set(prompts) - self.warned:
+            length = len(self.tokenizer(prompt, truncation=False, verbose=False).input_ids)
+            if length > n:
+                self.warned.add(prompt)
                 log.warning(
                     "prompt truncated to %d tokens, %d dropped: %r",
                     n,
-                    len(f) - n,
+                    length - n,
                     prompt[:60] + "...",
                 )
-        return ids.input_ids.to(self.device)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Context (B, 77, 768 + 1280) and pooled (B, 1280) for a list of prompts."""
+        self._warn_truncated(prompts)
         ids_1 = self._tokenize(self.tokenizer, prompts)
         ids_2 = self._tokenize(self.tokenizer_2, prompts)
         out_1 = self.text_encoder(ids_1, output_hidden_states=True)

@@ -110,9 +110,9 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_nan_loss_stops_without_writing_weights(tiny_model, tmp_path, monkeypatch):
     # --noise_offset nan used to make the NaN; flags are checked now, so the noise is patched.
-    nan_noise = lambda offset: lambda seeds, shape: torch.full(
-        tuple(shape), float("nan")
-    )  # noqa: E731
+    def nan_noise(offset):
+        return lambda seeds, shape: torch.full(tuple(shape), float("nan"))
+
     monkeypatch.setattr(training.noise, "make_noise", nan_noise)
     args = train_args(tiny_model, tmp_path, "--use_lora", "--max_train_steps", "3")
     with pytest.raises(TrainingError, match="loss is nan"):

@@ -65,14 +65,12 @@ class Record:
 def image_size(data: bytes | Path) -> tuple[int, int]:
     """(width, height) of an image as it is meant to be seen; raises if it is not readable."""
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-        im.verify()  # must come first, and leaves the image unusable: open it again
-    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
         w, h = im.size
-        if im.format == "PNG":  # only an EXIF chunk before the pixels: getexif() would decode them
-            exif = Image.Exif()
-            exif.load(im.info.get("exif", b""))
-        else:
-            exif = im.getexif()
+        # The orientation from the header alone: no pixels are decoded (for a PNG, getexif()
+        # would decode them to look for an EXIF chunk after the pixel data).
+        exif = Image.Exif()
+        exif.load(im.info.get("exif", b""))
+        im.verify()
     return (h, w) if exif.get(0x0112, 1) in _ROTATED else (w, h)
 
 
@@ -118,7 +116,7 @@ def _scan_shard(path: Path) -> dict:
                 try:
                     member = tar.next()
                 except (tarfile.TarError, OSError) as e:
-                    cut = f"a damaged header ({e})"
+                    cut = str(e)
                     break
                 if member is None:
                     break

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from sdxl.files import atomic_write
+from sdxl.files import atomic_write, write_error
 
 # ---------------------------------------------------------------------------------------------
 # Random state
@@ -97,8 +97,11 @@ class MetricsLog:
     def log(self, record: dict[str, Any]) -> None:
         record = {"time": time.time(), **record}
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as e:
+                raise write_error(e, Path(self.file.name)) or e from None
         if self.wandb is not None:
             self.wandb.log(
                 {k: v for k, v in record.items() if k != "step"}, step=record.get("step")
