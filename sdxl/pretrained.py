@@ -1,6 +1,6 @@
 """SDXL model folders: checking and loading the diffusers layout, and a tiny random SDXL.
 
-The folder layout is the Hugging Face repository's (`hf download stabilityai/stable-diffusion-xl-base-1.0
+The folder layout is the Hugging Face repository's (`uv run hf download stabilityai/stable-diffusion-xl-base-1.0
 --local-dir weights/sdxl-base-1.0`): model_index.json, unet/, vae/, text_encoder/, text_encoder_2/,
 tokenizer/, tokenizer_2/, scheduler/. `tiny` names a small SDXL with random weights in exactly that
 layout, written once into a cache folder, so every script and test runs on a CPU in seconds.
@@ -27,7 +27,7 @@ from sdxl.weights import WeightsError
 
 SDXL_CONFIGS = Path(__file__).parent / "configs" / "sdxl-base-1.0"
 DOWNLOAD_HINT = (
-    "get the weights with: hf download stabilityai/stable-diffusion-xl-base-1.0 "
+    "get the weights with: uv run hf download stabilityai/stable-diffusion-xl-base-1.0 "
     "--local-dir weights/sdxl-base-1.0"
 )
 TINY_VERSION = 1
