@@ -510,3 +510,25 @@ def test_20_exported_files_honour_the_umask(tiny_model, tmp_path):
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644  # ComfyUI running as another user can read it
     assert last.stat().st_mode & 0o777 == 0o666 & ~old
+
+
+# -- 22: the start-up scan keeps an index and runs in parallel ---------------------------------
+
+
+def test_22_the_scan_index_rescans_only_changed_files(tmp_path, monkeypatch):
+    data, index = pairs(tmp_path / "data", 70), tmp_path / "index"
+    parallel = scan(data, index, workers=2)  # 70 files: two worker processes
+    assert len(parallel) == 70 and list(index.glob("*.json"))
+    import training.scan
+
+    scanned: list[str] = []
+    real = training.scan._scan_image
+    monkeypatch.setattr(training.scan, "_scan_image", lambda p: scanned.append(p.name) or real(p))
+    assert scan(data, index, workers=1) == parallel and scanned == []  # unchanged: the index only
+    Image.new("RGB", (80, 40)).save(data / "003.png")  # a new image under an old name
+    (data / "005.txt").write_text("a new caption")
+    records = {r.key: r for r in scan(data, index, workers=1)}
+    assert sorted(scanned) == ["003.png", "005.png"]
+    assert records["003.png"].size == (80, 40) and records["005.png"].caption == "a new caption"
+    (index / next(index.iterdir()).name).write_text("{not json")  # a broken index is rebuilt
+    assert len(scan(data, index, workers=1)) == 70
