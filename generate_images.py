@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import json
 import random
-import re
 import time
 from pathlib import Path
 
@@ -33,8 +32,10 @@ from sdxl.options import (
     DEFAULT_MODEL,
     PRECISIONS,
     SAMPLER_NAMES,
+    check_device,
     check_file,
     check_folder,
+    check_model,
     check_numbers,
     check_output_dir,
 )
@@ -82,11 +83,9 @@ def check_args(args: argparse.Namespace) -> None:
     )
     parse_size(args.image_size)
     read_prompts(args)
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
-        raise UserError(f"--device {args.device!r} is not a device; use cuda, cpu or auto")
+    check_device(args.device, "--device")
     check_file(args.lora_checkpoint, "LoRA file")
-    if args.pretrained_model not in (None, "tiny"):
-        check_folder(args.pretrained_model, "--pretrained-model")
+    check_model(args.pretrained_model, "--pretrained-model")
     check_folder(args.vae, "--vae")
     check_output_dir(args.output_dir, "--output-dir")
 

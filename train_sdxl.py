@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import re
 import signal
 import time
 from pathlib import Path
@@ -38,8 +37,10 @@ from sdxl.options import (
     POSITIVE,
     PRECISIONS,
     TARGET_MODES,
+    check_device,
     check_file,
     check_folder,
+    check_model,
     check_numbers,
     check_output_dir,
 )
@@ -86,12 +87,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(
             f"--bucket needs --image_size 64 or more (buckets have sides in multiples of 64), got {args.image_size}"
         )
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
-        raise UserError(
-            f"--device {args.device!r} is not a device this project runs on; use cuda, cpu or auto"
-        )
-    if args.pretrained_model != "tiny":
-        check_folder(args.pretrained_model, "--pretrained_model")
+    check_device(args.device, "--device")
+    check_model(args.pretrained_model, "--pretrained_model")
     check_folder(args.vae, "--vae")
     if args.validation_prompts is not None:
         read_prompt_file(args.validation_prompts)

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 from sdxl.errors import UserError
 
 DEFAULT_MODEL = "./weights/sdxl-base-1.0"
+DOWNLOAD_HINT = (
+    "get the weights with: uv run hf download stabilityai/stable-diffusion-xl-base-1.0 "
+    "--local-dir weights/sdxl-base-1.0"
+)
 PRECISIONS = ("bf16", "fp16", "fp32")  # training/precision_util.py: DTYPES
 TARGET_MODES = ("attention", "attention_out", "all")  # sdxl/lora.py
 LORA_FORMATS = ("native", "diffusers", "kohya")  # sdxl/lora_formats.py
@@ -55,6 +60,19 @@ def check_output_dir(path: str | Path, name: str) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise UserError(f"{name} {path} is inside {parent}, which is a file; give a folder")
+
+
+def check_device(value: str, name: str) -> None:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise UserError(
+            f"{name} {value!r} is not a device this project runs on; use cuda, cpu or auto"
+        )
+
+
+def check_model(value: str | None, name: str) -> None:
+    """`tiny`, or an SDXL folder that exists (its contents are checked when it is loaded)."""
+    if value not in (None, "tiny") and not Path(value).is_dir():
+        raise UserError(f"{name}: model folder {value} does not exist; {DOWNLOAD_HINT}")
 
 
 def check_file(path: str | Path | None, name: str) -> None:

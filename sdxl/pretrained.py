@@ -20,16 +20,13 @@ from safetensors.torch import save_file
 
 from sdxl.diffusion import NoiseSchedule
 from sdxl.files import cache_root
+from sdxl.options import DOWNLOAD_HINT
 from sdxl.text_encoders import SDXLTextEncoder
 from sdxl.unet import UNet2DConditionModel, config_from_diffusers, load_unet
 from sdxl.vae import SDXLVAE
 from sdxl.weights import WeightsError
 
 SDXL_CONFIGS = Path(__file__).parent / "configs" / "sdxl-base-1.0"
-DOWNLOAD_HINT = (
-    "get the weights with: uv run hf download stabilityai/stable-diffusion-xl-base-1.0 "
-    "--local-dir weights/sdxl-base-1.0"
-)
 TINY_VERSION = 1
 
 # What each component folder must hold (any one of the alternatives).
