@@ -60,7 +60,7 @@ if __name__ == "__main__":
 from safetensors.torch import save_file
 
 from sdxl.files import atomic_write
-from sdxl.lora_formats import WRITTEN_BY, save_lora_file
+from sdxl.lora_formats import WRITTEN_BY, model_name, save_lora_file
 from sdxl.weights import WeightsError, read_safetensors_header
 from training.checkpoint import adapter_modules, load_checkpoint, unet_weights
 from training.precision_util import DTYPES
@@ -78,7 +78,8 @@ def main(args: argparse.Namespace) -> Path:
             "choose another name or pass --overwrite"
         )
     dtype = DTYPES[args.dtype]
-    info = {"base_model": ckpt.get("base_model", ""), "step": ckpt["step"], "ema": int(args.ema)}
+    info = {"base_model": model_name(ckpt.get("base_model", "")), "step": ckpt["step"]}
+    info |= {"ema": int(args.ema), "ss_steps": ckpt["step"], "ss_epoch": ckpt["epoch"]}
     if ckpt["lora"] is None:  # full fine-tuning
         if args.format != "native" or args.ema:
             raise UserError(
@@ -91,6 +92,7 @@ def main(args: argparse.Namespace) -> Path:
     else:
         lora = ckpt["lora_config"]
         info.update(rank=lora["rank"], alpha=lora["alpha"], target_mode=lora["target_mode"])
+        info = {**(ckpt.get("lora_metadata") or {}), **info}  # as the LoRA beside the checkpoint
         layers = ckpt["unet_config"]["layers_per_block"]  # kohya names count blocks per level
         save_lora_file(output, adapter_modules(ckpt, args.ema), args.format, info, dtype, layers)
     print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {args.format}, {args.dtype})")

@@ -33,6 +33,7 @@ from sdxl.options import (
     BELOW_1,
     DEFAULT_MODEL,
     FRACTION,
+    LORA_FORMATS,
     MULTIPLE_OF_8,
     POSITIVE,
     PRECISIONS,
@@ -281,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--resume", default=None, help="continue from this checkpoint (.pt)")
     g.add_argument(
+        "--lora_save_format",
+        default="kohya",
+        choices=[*LORA_FORMATS, "none"],
+        help="the LoRA file written beside each checkpoint: kohya (ComfyUI, AUTOMATIC1111, Forge), "
+        "diffusers (load_lora_weights), native, or none",
+    )
+    g.add_argument(
         "--overwrite",
         action="store_true",
         help="delete the run already in --output_dir first (without it such a folder is refused)",
@@ -302,6 +310,7 @@ from training.cache import encoders
 from training.checkpoint import (
     claim_output_dir,
     load_checkpoint,
+    lora_file_metadata,
     restore_checkpoint,
     save_checkpoints,
 )
@@ -363,6 +372,7 @@ def main(args: argparse.Namespace) -> Path:
     }
     if dist.main:
         write_json(config, output_dir / "config.json")
+    share = lora_file_metadata(config, records) if args.use_lora else {}  # for the LoRA files
 
     # -- models, encoders (or caches), optimizer, and a resumed run's state ----------------------
     torch.manual_seed(args.seed)
@@ -433,7 +443,7 @@ def main(args: argparse.Namespace) -> Path:
             if dist.main and kinds:  # the lowest-loss checkpoint follows val_loss if there is one
                 tracked = None if stopped else record.get("val_loss", state.smoothed_loss)
                 last = save_checkpoints(
-                    output_dir, kinds, tr, state, config, tracked, args.keep_last
+                    output_dir, kinds, tr, state, config, tracked, args.keep_last, share
                 )
             if stopped:
                 break

@@ -19,13 +19,17 @@ with down (rank x in), up (out x rank) and the update scale alpha / rank. The fi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+import struct
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 import torch
+from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 from torch import nn
 
@@ -150,6 +154,64 @@ def to_state_dict(modules: LoRAModules, fmt: str, layers_per_block: int = 2) -> 
     return {k: v.contiguous() for k, v in tensors.items()}, metadata
 
 
+def model_name(base_model: str | Path) -> str:
+    """How shared files name a base model: a Hub id as it is, a folder or file by its own name,
+    never by where it lies on the training machine."""
+    text = str(base_model)
+    return (
+        text
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not Path(text).exists()
+        else Path(text).name
+    )
+
+
+def sharing_metadata(
+    *,
+    rank: int,
+    alpha: float,
+    base_model: str,
+    resolution: int,
+    steps: int,
+    epoch: int,
+    learning_rate: float,
+    v_prediction: bool = False,
+    tag_frequency: dict[str, dict[str, int]] | None = None,
+    title: str = "",
+) -> dict[str, str]:
+    """What other programs read from a LoRA file's metadata: kohya's `ss_*` keys (AUTOMATIC1111
+    lists a LoRA under an SDXL checkpoint only when ss_base_model_version starts with sdxl_, and
+    shows ss_tag_frequency) and Stability's model-spec keys. The base model is named, not located.
+    """
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "ss_base_model_version": "sdxl_base_v1-0" + ("_v" if v_prediction else ""),
+        "ss_v2": "False",
+        "ss_sd_model_name": model_name(base_model),
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_steps": str(steps),
+        "ss_epoch": str(epoch),
+        "ss_learning_rate": str(learning_rate),
+        "ss_tag_frequency": json.dumps(tag_frequency or {}),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+        "modelspec.date": datetime.now().strftime("%Y-%m-%d"),
+    }
+
+
+def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """kohya's `sshs_model_hash`: the SHA-256 of the tensor data as safetensors lays it out (the
+    bytes after the header), so that it does not change with the metadata."""
+    data = safetensors_bytes(tensors)
+    (header_length,) = struct.unpack("<Q", data[:8])
+    return hashlib.sha256(data[8 + header_length :]).hexdigest()
+
+
 def save_lora_file(
     path: str | Path,
     modules: LoRAModules,
@@ -159,7 +221,8 @@ def save_lora_file(
     layers_per_block: int = 2,
 ) -> None:
     """Write a safetensors LoRA file (via a temporary name, then renamed into place). `info` is
-    recorded as metadata: rank, alpha, target mode, base model, training step."""
+    recorded as metadata (`sharing_metadata`, and rank, alpha, target mode, step), with the hash of
+    the tensors as written."""
     tensors, metadata = to_state_dict(modules, fmt, layers_per_block)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
@@ -167,9 +230,7 @@ def save_lora_file(
     metadata.update(WRITTEN_BY)
     metadata["format"] = "pt"
     metadata["lora_format"] = fmt
-    if fmt == "kohya":  # what kohya-based tools display
-        metadata.setdefault("ss_network_dim", str(info.get("rank", "")))
-        metadata.setdefault("ss_network_alpha", str(info.get("alpha", "")))
+    metadata["sshs_model_hash"] = tensors_hash(tensors)
     with atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
 

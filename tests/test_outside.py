@@ -108,7 +108,7 @@ def test_02_a_failed_lowest_loss_save_keeps_the_previous_one(tiny_model, tmp_pat
     tr = build_trainer(args, parts, None, None, resolve_precision("fp32", cpu.device), cpu, 10)
     config = {**vars(args), "base_model": str(tiny_model)}
     state = TrainState(step=1)
-    save_checkpoints(tmp_path, ["step"], tr, state, config, 1.0, keep_last=0)
+    save_checkpoints(tmp_path, ["step"], tr, state, config, 1.0, keep_last=0, share={})
     real_save = torch.save
 
     def disk_full_for_the_lowest(obj, f):
@@ -119,7 +119,7 @@ def test_02_a_failed_lowest_loss_save_keeps_the_previous_one(tiny_model, tmp_pat
     monkeypatch.setattr(torch, "save", disk_full_for_the_lowest)
     state.step = 2
     with pytest.raises(UserError, match="no space left on"):
-        save_checkpoints(tmp_path, ["step"], tr, state, config, 0.5, keep_last=0)
+        save_checkpoints(tmp_path, ["step"], tr, state, config, 0.5, keep_last=0, share={})
     lowest = list(tmp_path.glob("*_lowest_loss.pt"))
     assert [p.name for p in lowest] == ["lora_step000001_lowest_loss.pt"]
     assert load_checkpoint(lowest[0])["step"] == 1 and not list(tmp_path.glob(".*.tmp"))

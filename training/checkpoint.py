@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections import Counter
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -31,9 +32,17 @@ from safetensors.torch import save_file
 from sdxl.errors import UserError
 from sdxl.files import TMP_SUFFIX, FolderLock, atomic_write, make_folder, remove_stale_tmp
 from sdxl.lora import get_lora_state_dict, load_lora_state_dict
-from sdxl.lora_formats import LoRAModules, modules_from_state_dict, read_lora_file
+from sdxl.lora_formats import (
+    LoRAModules,
+    model_name,
+    modules_from_state_dict,
+    read_lora_file,
+    save_lora_file,
+    sharing_metadata,
+)
 from sdxl.unet import UNet2DConditionModel
 from sdxl.weights import WeightsError, read_safetensors, read_safetensors_header
+from training.scan import Record
 from training.train_loop import Trainer, TrainState
 from training.train_util import rng_state, set_rng_state
 
@@ -116,9 +125,36 @@ def claim_output_dir(folder: Path, resume: str | None, overwrite: bool) -> Folde
 # ---------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(path: Path, tr: Trainer, state: TrainState, config: dict) -> Path:
-    """Write one checkpoint (and for full fine-tuning the UNet beside it), atomically. `config` is
-    the run's resolved configuration: plain values only, as weights_only loading requires."""
+def lora_file_metadata(config: dict, records: list[Record]) -> dict[str, str]:
+    """The metadata of the LoRA files written beside the checkpoints, but for their step and epoch:
+    `sharing_metadata` from the run's configuration, and the counts of the captions' tags."""
+    tags = Counter(t.strip() for r in records for t in r.caption.split(",") if t.strip())
+    return {
+        **sharing_metadata(
+            rank=config["lora_rank"],
+            alpha=config["lora_alpha"],
+            base_model=config["pretrained_model"],
+            resolution=config["image_size"],
+            steps=0,
+            epoch=0,
+            learning_rate=config["learning_rate"],
+            tag_frequency={Path(config["data_dir"]).name: dict(tags)},
+            title=Path(config["output_dir"]).name,
+        ),
+        "rank": str(config["lora_rank"]),
+        "alpha": str(config["lora_alpha"]),
+        "target_mode": config["lora_target_mode"],
+        "base_model": model_name(config["pretrained_model"]),
+    }
+
+
+def save_checkpoint(
+    path: Path, tr: Trainer, state: TrainState, config: dict, share: dict[str, str]
+) -> Path:
+    """Write one checkpoint, atomically, and beside it under the same name the weights to share:
+    the LoRA in --lora_save_format (with `share` and the step in its metadata), or for full
+    fine-tuning the UNet. `config` is the run's resolved configuration: plain values only, as
+    weights_only loading requires."""
     lora = bool(config["use_lora"])
     ckpt = {
         "format_version": FORMAT_VERSION,
@@ -146,6 +182,7 @@ def save_checkpoint(path: Path, tr: Trainer, state: TrainState, config: dict) ->
         "rng": rng_state(),
         "config": config,
         "base_model": config["base_model"],
+        "lora_metadata": share if lora else None,  # what extract_lora_weights.py writes too
         "timestamp": datetime.now().isoformat(timespec="seconds"),
     }
     if not lora:  # the whole UNet goes beside the checkpoint, as safetensors
@@ -153,6 +190,18 @@ def save_checkpoint(path: Path, tr: Trainer, state: TrainState, config: dict) ->
         with atomic_write(unet_file) as tmp:
             save_file({k: v.contiguous() for k, v in tr.unet.state_dict().items()}, tmp)
         ckpt["unet_file"] = unet_file.name
+    elif config["lora_save_format"] != "none":  # a LoRA ready for ComfyUI, AUTOMATIC1111, diffusers
+        modules = modules_from_state_dict(ckpt["lora"], float(config["lora_alpha"]))
+        info: dict[str, str | int | float] = {**share, "step": state.step}
+        info |= {"ss_steps": state.step, "ss_epoch": state.epoch}
+        layers = tr.unet.config.layers_per_block
+        save_lora_file(
+            path.with_suffix(".safetensors"),
+            modules,
+            config["lora_save_format"],
+            info,
+            layers_per_block=layers,
+        )
     with atomic_write(path) as tmp:
         torch.save(ckpt, tmp)
     return path
@@ -166,6 +215,7 @@ def save_checkpoints(
     config: dict,
     tracked_loss: float | None,
     keep_last: int,
+    share: dict[str, str],
 ) -> Path:
     """The checkpoints a save event asks for ("step" and / or "epoch"); then, if `tracked_loss` is
     the lowest so far, a lowest-loss checkpoint that replaces the previous one (written before the
@@ -176,10 +226,13 @@ def save_checkpoints(
     if improved:
         state.best_loss = tracked_loss  # type: ignore[assignment]
     paths = [
-        save_checkpoint(checkpoint_path(folder, k, state, lora), tr, state, config) for k in kinds
+        save_checkpoint(checkpoint_path(folder, k, state, lora), tr, state, config, share)
+        for k in kinds
     ]
     if improved:
-        lowest = save_checkpoint(checkpoint_path(folder, "lowest", state, lora), tr, state, config)
+        lowest = save_checkpoint(
+            checkpoint_path(folder, "lowest", state, lora), tr, state, config, share
+        )
         for old in folder.glob("*_step*_lowest_loss.pt"):
             if old != lowest:
                 _remove(old)
@@ -316,8 +369,10 @@ def read_lora_weights(
 
 
 def recorded_base_model(path: str | Path) -> str | None:
-    """The base model a LoRA checkpoint or exported file records, if any."""
+    """The base model folder a training checkpoint records (shared LoRA files name their base
+    model but do not locate it)."""
     path = Path(path)
     if path.suffix == ".pt":
         return load_checkpoint(path, mmap=True).get("base_model")
-    return read_safetensors_header(path)[0].get("__metadata__", {}).get("base_model")
+    read_safetensors_header(path)  # a file that is not safetensors fails here, in one line
+    return None

@@ -1,0 +1,108 @@
+"""The models and files users have: a LoRA ready at every save, single-file checkpoints, Hub ids,
+v-prediction, long prompts."""
+
+import hashlib
+import json
+import struct
+
+import torch
+from conftest import EXAMPLES, train_argv
+
+import train_sdxl
+from sdxl.lora_formats import read_lora_file
+from sdxl.unet import load_unet
+from sdxl.weights import read_safetensors_header
+from training.checkpoint import adapter_modules, load_checkpoint
+
+
+def train(tiny_model, out, *extra):
+    return train_sdxl.main(
+        train_sdxl.build_parser().parse_args(train_argv(tiny_model, out, *extra))
+    )
+
+
+REQUIRED = [
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_network_module",
+    "ss_base_model_version",
+    "ss_v2",
+    "ss_resolution",
+    "ss_steps",
+    "ss_epoch",
+    "ss_learning_rate",
+    "ss_tag_frequency",
+    "modelspec.architecture",
+    "modelspec.implementation",
+    "modelspec.sai_model_spec",
+    "sshs_model_hash",
+]
+
+
+def test_a_ready_lora_beside_every_checkpoint(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    train(
+        tiny_model,
+        out,
+        "--use_lora",
+        "--max_train_steps",
+        "3",
+        "--save_interval",
+        "1",
+        "--keep_last",
+        "1",
+    )
+    checkpoints = sorted(out.glob("*.pt"))
+    # --keep_last pruned the LoRA files with their checkpoints: one beside each that is left.
+    assert {p.with_suffix(".safetensors") for p in checkpoints} == set(out.glob("*.safetensors"))
+    assert len(checkpoints) == 2  # step 3 and the lowest-loss one
+    unet = load_unet(tiny_model / "unet")
+    for pt in checkpoints:
+        ckpt, path = load_checkpoint(pt), pt.with_suffix(".safetensors")
+        ours = read_lora_file(path, unet)
+        expected = adapter_modules(ckpt)
+        assert ours.keys() == expected.keys()
+        for name, (down, up, alpha) in expected.items():  # the checkpoint's adapters, exactly
+            assert torch.equal(ours[name][0], down) and torch.equal(ours[name][1], up)
+            assert ours[name][2] == alpha == 32.0
+        header, start = read_safetensors_header(path)
+        meta = header["__metadata__"]
+        assert all(key in meta for key in REQUIRED), [k for k in REQUIRED if k not in meta]
+        assert meta["lora_format"] == "kohya" and meta["ss_network_module"] == "networks.lora"
+        assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_v2"] == "False"
+        assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+        assert meta["ss_steps"] == str(ckpt["step"]) and meta["ss_network_dim"] == "8"
+        captions = [p.read_text().strip() for p in sorted(EXAMPLES.glob("*.txt"))]
+        tags = [t.strip() for c in captions for t in c.split(",")]
+        assert json.loads(meta["ss_tag_frequency"]) == {"shapes": {t: tags.count(t) for t in tags}}
+        data = path.read_bytes()
+        (n,) = struct.unpack("<Q", data[:8])
+        assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + n :]).hexdigest()
+        # No local paths in a file meant to be shared.
+        assert not any(str(tmp_path) in v or str(tiny_model) in v for v in meta.values())
+
+
+def test_lora_save_format_none_and_diffusers(tiny_model, tmp_path):
+    train(
+        tiny_model,
+        tmp_path / "a",
+        "--use_lora",
+        "--max_train_steps",
+        "1",
+        "--lora_save_format",
+        "none",
+    )
+    assert list((tmp_path / "a").glob("*.pt")) and not list((tmp_path / "a").glob("*.safetensors"))
+    train(
+        tiny_model,
+        tmp_path / "b",
+        "--use_lora",
+        "--max_train_steps",
+        "1",
+        "--lora_save_format",
+        "diffusers",
+    )
+    path = next((tmp_path / "b").glob("lora_step000001_2*.safetensors"))
+    header = read_safetensors_header(path)[0]
+    assert header["__metadata__"]["lora_format"] == "diffusers"
+    assert all(k.startswith("unet.") for k in header if k != "__metadata__")
