@@ -149,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="sampling steps for validation images",
     )
     g.add_argument(
+        "--max_token_length",
+        type=int,
+        default=75,
+        choices=[75, 150, 225],
+        help="caption tokens the text encoders see, in chunks of 75 (as kohya's); longer captions "
+        "are truncated with a warning",
+    )
+    g.add_argument(
         "--bucket",
         action="store_true",
         help="aspect-ratio buckets of about image_size^2 pixels (sides in multiples of 64) instead of square crops",
@@ -380,8 +388,9 @@ def main(args: argparse.Namespace) -> Path:
         model_folder, precision.unet_dtype, dist.device, precision.text_dtype, args.vae
     )
     cached = (args.cache_latents, args.cache_text_embeddings)
+    chunks = args.max_token_length // 75  # captions are encoded in chunks of 75 tokens
     data, val_data, encode_images, encode_text = encoders(
-        parts, data, val_data, *cached, cache_dir, dist
+        parts, data, val_data, *cached, cache_dir, dist, chunks
     )
     if all(cached) and not prompts:
         parts.vae.to("cpu")  # not needed on the device any more

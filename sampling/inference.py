@@ -76,7 +76,9 @@ def generate_unique_batch(
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
     B = len(prompts)
-    context, pooled = pipe.text_encoder.encode(prompts)
+    # Long prompts: as many 75-token chunks as the longest prompt (or the negative prompt) needs.
+    chunks = pipe.text_encoder.chunks_needed(prompts + [negative_prompt or ""])
+    context, pooled = pipe.text_encoder.encode(prompts, chunks)
     # SDXL time ids: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) for an uncropped image
     # of the requested size.
     time_ids = torch.tensor(
@@ -84,7 +86,7 @@ def generate_unique_batch(
     )
     if guidance_scale > 1:
         negatives = None if negative_prompt is None else [negative_prompt] * B
-        neg_context, neg_pooled = pipe.text_encoder.encode_negative(negatives, B)
+        neg_context, neg_pooled = pipe.text_encoder.encode_negative(negatives, B, chunks)
         context, pooled = torch.cat([neg_context, context]), torch.cat([neg_pooled, pooled])
         time_ids = torch.cat([time_ids, time_ids])
     generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds]

@@ -54,9 +54,10 @@ def test_negative_prompt_is_encoded(text_encoder, tiny_pipeline):
 
 
 def test_long_prompt_truncated_with_one_warning(text_encoder, tiny_pipeline, caplog, capfd):
+    # One chunk (training's default --max_token_length 75): truncated as the diffusers pipeline does.
     with caplog.at_level(logging.WARNING):
-        ctx, pooled = text_encoder.encode([LONG])
-        text_encoder.encode([LONG, LONG])  # the same caption again (a training caption, each epoch)
+        ctx, pooled = text_encoder.encode([LONG], chunks=1)
+        text_encoder.encode([LONG, LONG], chunks=1)  # the same caption again, as each epoch
     warnings = [r for r in caplog.records if "truncated" in r.getMessage()]
     # "word" is 4 letter tokens here (no merges): 100 words = 400 tokens + BOS/EOS, 77 kept.
     assert len(warnings) == 1  # once per caption, not once per tokenizer and call
@@ -154,3 +155,31 @@ def test_missing_folder_and_wrong_shapes(tmp_path, tiny_model):
         WeightsError, match=r"conv_in.weight \(32, 4, 5, 5\) vs expected \(32, 4, 3, 3\)"
     ):
         load_sdxl(broken, torch.float32)
+
+
+def test_long_prompts_are_encoded_in_chunks(text_encoder):
+    """A prompt over 75 tokens is cut into chunks of 75, each encoded with its own BOS and EOS as a
+    prompt of its own, and the contexts concatenated; the pooled vector is the first chunk's."""
+    # "word" is 4 letter tokens with the tiny byte vocabulary: 100 words = 400 tokens = 6 chunks.
+    assert text_encoder.chunks_needed([LONG]) == 6 and text_encoder.chunks_needed(PROMPTS) == 1
+    ctx, pooled = text_encoder.encode([LONG, "a cat"])
+    assert ctx.shape == (2, 6 * 77, 96)
+    one_ctx, one_pooled = text_encoder.encode([LONG], chunks=1)  # today's truncated encoding
+    # fp32; a larger batch sums in another order: stated bar 1e-6 absolute (measured below 5e-7).
+    torch.testing.assert_close(ctx[:1, :77], one_ctx, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled[:1], one_pooled, rtol=0, atol=1e-6)
+    # Chunk 2 (tokens 75-149) by hand: BOS, the tokens, EOS, padding, through both encoders.
+    for tokenizer, model, features in (
+        (text_encoder.tokenizer, text_encoder.text_encoder, slice(0, 32)),
+        (text_encoder.tokenizer_2, text_encoder.text_encoder_2, slice(32, 96)),
+    ):
+        ids = tokenizer(LONG, add_special_tokens=False).input_ids[75:150]
+        row = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+        hidden = model(torch.tensor([row]), output_hidden_states=True).hidden_states[-2]
+        torch.testing.assert_close(ctx[0, 77:154, features], hidden[0], rtol=0, atol=1e-6)
+    # A short prompt's chunks past its end are the empty prompt's (--max_token_length 150).
+    short, _ = text_encoder.encode(["a cat"], chunks=2)
+    empty, _ = text_encoder.encode([""], chunks=1)
+    torch.testing.assert_close(short[:, :77], ctx[1:, :77], rtol=0, atol=1e-6)
+    torch.testing.assert_close(short[:, 77:], empty, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ctx[1:, 77:154], empty, rtol=0, atol=1e-6)

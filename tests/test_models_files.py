@@ -106,3 +106,38 @@ def test_lora_save_format_none_and_diffusers(tiny_model, tmp_path):
     header = read_safetensors_header(path)[0]
     assert header["__metadata__"]["lora_format"] == "diffusers"
     assert all(k.startswith("unet.") for k in header if k != "__metadata__")
+
+
+def test_long_prompts_in_generation_and_training(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    from sampling.inference import Pipeline, generate_unique_batch
+    from sdxl.pretrained import load_sdxl
+
+    parts = load_sdxl(tiny_model, torch.float32)
+    pipe = Pipeline(parts.unet, parts.text_encoder, parts.vae, parts.schedule, "cpu", torch.float32)
+    words = lambda n: " ".join(["word"] * n)  # noqa: E731  (4 tokens a word in the tiny vocabulary)
+    image = lambda prompt: generate_unique_batch(pipe, [prompt], [0], 64, 64, steps=2)  # noqa: E731
+    # Truncated at 75 tokens, 75 and 100 words would give the same image; chunked, they do not.
+    assert (image(words(100)) - image(words(75))).abs().max() > 1e-4
+
+    def losses(out, *extra):
+        argv = [
+            "--use_lora",
+            "--max_train_steps",
+            "2",
+            "--center_crop",
+            "--max_token_length",
+            "150",
+        ]
+        train(tiny_model, out, *argv, *extra)
+        return [
+            json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+        ]
+
+    cache = tmp_path / "cache"
+    plain = losses(tmp_path / "plain")
+    cached = losses(tmp_path / "cached", "--cache_text_embeddings", "--cache_dir", str(cache))
+    assert plain == cached  # fp32, the same embeddings: measured equal
+    entry = load_file(next((cache / "text").iterdir()))
+    assert entry["context"].shape == (2 * 77, 96)  # two chunks for --max_token_length 150

@@ -12,6 +12,7 @@ moot. Caption dropout still works: the empty prompt's embedding is cached too.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
@@ -98,20 +99,28 @@ class CachedLatents(TrainingData):
 
 
 class CachedText:
-    """caption -> (context, pooled), from files written once by the text encoders."""
+    """caption -> (context, pooled), from files written once by the text encoders (with `chunks`
+    chunks of 75 tokens, --max_token_length / 75)."""
 
     def __init__(
-        self, captions: list[str], text_encoder, cache_dir: Path, text_id: str, device: torch.device
+        self,
+        captions: list[str],
+        text_encoder,
+        cache_dir: Path,
+        text_id: str,
+        device: torch.device,
+        chunks: int = 1,
     ):
         self.folder = cache_dir / "text"
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.text_id, self.device = text_id, device
+        # One chunk keeps the key of the caches written before long prompts were chunked.
+        self.text_id, self.device = text_id + (f"chunks{chunks}" if chunks > 1 else ""), device
         for caption in tqdm(
             sorted(set(captions) | {""}), desc="caching text embeddings", dynamic_ncols=True
         ):
             path = self._path(caption)
             if not path.is_file():
-                context, pooled = text_encoder.encode([caption])
+                context, pooled = text_encoder.encode([caption], chunks)
                 _write({"context": context[0], "pooled": pooled[0]}, path)
 
     def _path(self, caption: str) -> Path:
@@ -138,12 +147,14 @@ def encoders(
     cache_text: bool,
     cache_dir: Path,
     dist: Distributed,
+    chunks: int = 1,
 ) -> tuple[TrainingData, TrainingData, ImageEncoder, TextEncoder]:
     """Decide once how a run encodes its batches: the VAE and text encoders on the fly, or cache
     files written now (by the first process; the others then read them). Returns the training and
-    validation data (their items carry moments when latents are cached) and the two encoders."""
+    validation data (their items carry moments when latents are cached) and the two encoders.
+    Captions are encoded in `chunks` chunks of 75 tokens."""
     encode_images: ImageEncoder = parts.vae.moments
-    encode_text: TextEncoder = parts.text_encoder.encode
+    encode_text: TextEncoder = functools.partial(parts.text_encoder.encode, chunks=chunks)
     with dist.first_process_first():
         if cache_latents:
             vae_id = folder_identity(parts.vae_folder)
@@ -154,5 +165,7 @@ def encoders(
             text_id = folder_identity(parts.folder / "text_encoder")
             text_id += folder_identity(parts.folder / "text_encoder_2")
             captions = [r.caption for r in data.records + val_data.records]
-            encode_text = CachedText(captions, parts.text_encoder, cache_dir, text_id, dist.device)
+            encode_text = CachedText(
+                captions, parts.text_encoder, cache_dir, text_id, dist.device, chunks
+            )
     return data, val_data, encode_images, encode_text
