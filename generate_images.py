@@ -30,6 +30,7 @@ from sdxl.options import (
     AT_LEAST_0,
     AT_LEAST_1,
     DEFAULT_MODEL,
+    FRACTION,
     PRECISIONS,
     SAMPLER_NAMES,
     check_device,
@@ -78,6 +79,7 @@ def check_args(args: argparse.Namespace) -> None:
             "steps": (lambda v: 1 <= v <= 1000, "between 1 and 1000"),
             "guidance_scale": AT_LEAST_0,
             "lora_scale": (lambda v: True, "a number"),
+            "guidance_rescale": FRACTION,
         },
         hyphens=True,
     )
@@ -129,6 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="classifier-free guidance scale (1 disables it)",
     )
     p.add_argument("--sampler", default="euler", choices=SAMPLER_NAMES, help="sampling algorithm")
+    p.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=None,
+        help="mix in guidance rescaled to the conditional prediction's spread (Lin et al. 2023); "
+        "default 0.7 for a v-prediction model, else 0",
+    )
+    p.add_argument(
+        "--prediction-type",
+        default=None,
+        choices=["epsilon", "v_prediction"],
+        help="what the UNet predicts (default: the model's scheduler config)",
+    )
+    p.add_argument(
+        "--zero-terminal-snr",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a zero-terminal-SNR schedule (default: the model's scheduler config)",
+    )
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--output-dir", default="./generated_dataset", help="where the images go")
     p.add_argument(
@@ -162,6 +183,7 @@ import torch
 from tqdm import tqdm
 
 from sampling.inference import Pipeline, apply_lora, generate_unique_batch, to_pil
+from sdxl.diffusion import NoiseSchedule
 from sdxl.files import FolderLock, atomic_write, make_folder, remove_stale_tmp, write_json
 from sdxl.pretrained import load_sdxl, resolve_model
 from sdxl.unet import UNet2DConditionModel, config_from_diffusers
@@ -219,6 +241,12 @@ def main(args: argparse.Namespace) -> Path:
         check_lora_fits(lora, model_folder)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
+    schedule_flags = (args.prediction_type, args.zero_terminal_snr)  # None: as the config says
+    schedule = NoiseSchedule.from_config(
+        model_folder / "scheduler" / "scheduler_config.json", *schedule_flags
+    )
+    v_prediction = schedule.prediction_type == "v_prediction"
+    rescale = args.guidance_rescale if args.guidance_rescale is not None else 0.7 * v_prediction
     # Everything that decides the pixels of image i (its prompt is prompts[i % len(prompts)]).
     settings = {
         "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
@@ -227,6 +255,9 @@ def main(args: argparse.Namespace) -> Path:
         "steps": args.steps,
         "guidance_scale": args.guidance_scale,
         "sampler": args.sampler,
+        "prediction_type": schedule.prediction_type,
+        "zero_terminal_snr": bool(schedule.alphas_cumprod[-1] == 0),
+        "guidance_rescale": rescale,
         "width": width,
         "height": height,
         "base_model": str(model_folder.resolve()),
@@ -248,7 +279,7 @@ def main(args: argparse.Namespace) -> Path:
         return out
 
     # -- models --------------------------------------------------------------------------------
-    parts = load_sdxl(model_folder, precision.unet_dtype, device, vae_folder=args.vae)
+    parts = load_sdxl(model_folder, precision.unet_dtype, device, None, args.vae, *schedule_flags)
     if lora is not None:
         apply_lora(parts.unet, read_lora_weights(lora, parts.unet), args.lora_scale)
     parts.unet.to(memory_format=torch.channels_last)
@@ -278,6 +309,7 @@ def main(args: argparse.Namespace) -> Path:
             args.guidance_scale,
             args.negative_prompt,
             args.sampler,
+            rescale,
         )
         for i, prompt, seed, image in zip(indices, batch_prompts, seeds, images):
             meta = {

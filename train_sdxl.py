@@ -188,6 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--vae", type=Path, default=None, help="another VAE folder (e.g. the fp16-fix VAE)"
     )
     g.add_argument(
+        "--prediction_type",
+        default=None,
+        choices=["epsilon", "v_prediction"],
+        help="what the UNet predicts (default: the model's scheduler config; v_prediction for "
+        "NoobAI-XL style v-pred fine-tunes)",
+    )
+    g.add_argument(
+        "--zero_terminal_snr",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rescale the noise schedule to zero SNR at the last timestep (Lin et al. 2023; with "
+        "v_prediction); default: the model's scheduler config",
+    )
+    g.add_argument(
         "--precision",
         default="auto",
         choices=["auto", *PRECISIONS],
@@ -380,13 +394,14 @@ def main(args: argparse.Namespace) -> Path:
     }
     if dist.main:
         write_json(config, output_dir / "config.json")
-    share = lora_file_metadata(config, records) if args.use_lora else {}  # for the LoRA files
 
     # -- models, encoders (or caches), optimizer, and a resumed run's state ----------------------
     torch.manual_seed(args.seed)
+    schedule = (args.prediction_type, args.zero_terminal_snr)  # None: as the model's config says
     parts = load_sdxl(
-        model_folder, precision.unet_dtype, dist.device, precision.text_dtype, args.vae
+        model_folder, precision.unet_dtype, dist.device, precision.text_dtype, args.vae, *schedule
     )
+    share = lora_file_metadata(config, records, parts.schedule) if args.use_lora else {}
     cached = (args.cache_latents, args.cache_text_embeddings)
     chunks = args.max_token_length // 75  # captions are encoded in chunks of 75 tokens
     data, val_data, encode_images, encode_text = encoders(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from sampling.samplers import SAMPLERS, EpsModel, randn
+from sampling.samplers import SAMPLERS, ModelFn, randn
 from sdxl.diffusion import NoiseSchedule
 from sdxl.lora import merge_lora
 from sdxl.lora_formats import LoRAModules, attach_lora
@@ -43,21 +43,31 @@ def guided(
     time_ids: torch.Tensor,
     guidance_scale: float,
     dtype: torch.dtype,
-) -> EpsModel:
-    """The noise prediction a sampler sees. With guidance, the conditioning tensors are [uncond;
-    cond] along the batch and each call runs both halves at once."""
+    guidance_rescale: float = 0.0,
+) -> ModelFn:
+    """The prediction a sampler sees. With guidance, the conditioning tensors are [uncond; cond]
+    along the batch and each call runs both halves at once. `guidance_rescale` (Lin et al. 2023,
+    section 3.4; what zero-terminal-SNR models need against over-exposure) scales the guided
+    prediction towards the conditional one's standard deviation, mixing that in with this weight."""
     cond = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
     context = context.to(dtype)
 
-    def eps_guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def model_guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = unet(torch.cat([x, x]).to(dtype), t, context, cond).float()
         uncond, text = out.chunk(2)
-        return uncond + guidance_scale * (text - uncond)
+        guided = uncond + guidance_scale * (text - uncond)
+        if guidance_rescale:
+            dims = list(range(1, guided.ndim))
+            rescaled = guided * (
+                text.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+            )
+            guided = guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+        return guided
 
-    def eps_plain(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def model_plain(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return unet(x.to(dtype), t, context, cond).float()
 
-    return eps_guided if guidance_scale > 1 else eps_plain
+    return model_guided if guidance_scale > 1 else model_plain
 
 
 @torch.no_grad()
@@ -71,6 +81,7 @@ def generate_unique_batch(
     guidance_scale: float = 5.0,
     negative_prompt: str | None = None,
     sampler: str = "euler",
+    guidance_rescale: float = 0.0,
 ) -> torch.Tensor:
     """One image per prompt, image i from seeds[i]. Returns (B, 3, height, width) in [0, 1]."""
     if len(prompts) != len(seeds):
@@ -91,8 +102,10 @@ def generate_unique_batch(
         time_ids = torch.cat([time_ids, time_ids])
     generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds]
     noise = randn((B, 4, height // 8, width // 8), generators, pipe.device, torch.float32)
-    eps = guided(pipe.unet, context, pooled, time_ids, guidance_scale, pipe.dtype)
-    latents = SAMPLERS[sampler](eps, noise, pipe.schedule, steps, generators)
+    model = guided(
+        pipe.unet, context, pooled, time_ids, guidance_scale, pipe.dtype, guidance_rescale
+    )
+    latents = SAMPLERS[sampler](model, noise, pipe.schedule, steps, generators)
     images = pipe.vae.decode(latents.float())  # fp32 decode: the SDXL VAE overflows in fp16
     return (images / 2 + 0.5).clamp(0, 1)
 

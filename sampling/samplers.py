@@ -2,11 +2,12 @@
 
 They share one signature,
 
-    sampler(eps_model, noise, schedule, steps, generator=None) -> clean latents
+    sampler(model, noise, schedule, steps, generator=None) -> clean latents
 
-where `eps_model(x, t)` predicts the noise in `x` at timestep(s) `t` (classifier-free guidance lives in
-that closure), `noise` is unit Gaussian noise, and `generator` (one, or one per sample) drives any
-fresh noise a stochastic sampler needs. They hold no state between calls: every call computes its own
+where `model(x, t)` is the UNet's prediction at `x` and timestep(s) `t`: the noise, or the velocity
+for a v-prediction model (the schedule's `prediction_type` says which, and turns it into what the
+sampler needs). Classifier-free guidance lives in that closure. `noise` is unit Gaussian noise, and
+`generator` (one, or one per sample) drives any fresh noise a stochastic sampler needs. They hold no state between calls: every call computes its own
 timesteps, so running a sampler twice with the same inputs gives the same result.
 """
 
@@ -18,7 +19,7 @@ import torch
 
 from sdxl.diffusion import NoiseSchedule
 
-EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
@@ -36,7 +37,7 @@ def randn(
 
 @torch.no_grad()
 def sample_euler(
-    eps_model: EpsModel,
+    model: ModelFn,
     noise: torch.Tensor,
     schedule: NoiseSchedule,
     steps: int,
@@ -46,18 +47,21 @@ def sample_euler(
     with no churn); SDXL's default sampler, diffusers' EulerDiscreteScheduler."""
     timesteps, sigmas = schedule.timesteps(steps), schedule.sigmas(steps).to(noise.device)
     # Start at sigma_max: x = noise * sqrt(sigma_max^2 + 1), since VP-scaled noise has variance 1.
-    x = noise.float() * (sigmas[0] ** 2 + 1) ** 0.5
+    # diffusers starts a trailing schedule at noise * sigma_max instead (the same for a zero-SNR
+    # schedule, whose sigma_max is 4096); so does this, for the same images.
+    scale = sigmas[0] if schedule.timestep_spacing == "trailing" else (sigmas[0] ** 2 + 1) ** 0.5
+    x = noise.float() * scale
     for i, t in enumerate(timesteps):
         sigma = sigmas[i]
-        eps = eps_model((x / (sigma**2 + 1) ** 0.5).to(noise.dtype), t.to(noise.device)).float()
-        denoised = x - sigma * eps
+        output = model((x / (sigma**2 + 1) ** 0.5).to(noise.dtype), t.to(noise.device)).float()
+        denoised = schedule.denoised(output, x, sigma)
         x = x + (x - denoised) / sigma * (sigmas[i + 1] - sigma)
     return x.to(noise.dtype)
 
 
 @torch.no_grad()
 def sample_ddim(
-    eps_model: EpsModel,
+    model: ModelFn,
     noise: torch.Tensor,
     schedule: NoiseSchedule,
     steps: int,
@@ -69,18 +73,17 @@ def sample_ddim(
     gap = schedule.num_train_timesteps // steps
     x = noise
     for t in timesteps:
-        eps = eps_model(x, t.to(noise.device))
         a_t = alphas[t]
+        x0, eps = schedule.x0_and_eps(model(x, t.to(noise.device)), x, a_t)
         # SDXL's config has set_alpha_to_one false: the step past t=0 lands on alpha_bar(0), not 1.
         a_prev = alphas[t - gap] if t - gap >= 0 else alphas[0]
-        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
         x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
     return x
 
 
 @torch.no_grad()
 def sample_ddpm(
-    eps_model: EpsModel,
+    model: ModelFn,
     noise: torch.Tensor,
     schedule: NoiseSchedule,
     steps: int,
@@ -94,11 +97,10 @@ def sample_ddpm(
     one = torch.tensor(1.0, device=noise.device)
     x = noise
     for t in timesteps:
-        eps = eps_model(x, t.to(noise.device))
         a_t = alphas[t]
+        x0, _ = schedule.x0_and_eps(model(x, t.to(noise.device)), x, a_t)
         a_prev = alphas[t - gap] if t - gap >= 0 else one
         alpha_t = a_t / a_prev  # the one-step alpha between the two strided timesteps
-        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
         x = (a_prev**0.5 * (1 - alpha_t) / (1 - a_t)) * x0 + (
             alpha_t**0.5 * (1 - a_prev) / (1 - a_t)
         ) * x

@@ -88,9 +88,13 @@ def load_sdxl(
     device: torch.device | str = "cpu",
     text_dtype: torch.dtype | None = None,
     vae_folder: Path | None = None,
+    prediction_type: str | None = None,
+    zero_terminal_snr: bool | None = None,
 ) -> SDXLParts:
     """Every component of a checked SDXL folder: UNet in `unet_dtype`, VAE in fp32, text encoders in
-    fp16 on CUDA (fp32 on the CPU) unless `text_dtype` says otherwise."""
+    fp16 on CUDA (fp32 on the CPU) unless `text_dtype` says otherwise. The noise schedule follows
+    the folder's scheduler config, with the prediction type and zero terminal SNR overridden when
+    given (a v-prediction fine-tune's config may not say so)."""
     index = json.loads((folder / "model_index.json").read_text())
     vae_folder = Path(vae_folder or folder / "vae")
     return SDXLParts(
@@ -99,7 +103,9 @@ def load_sdxl(
             folder, text_dtype, device, bool(index.get("force_zeros_for_empty_prompt", True))
         ),
         vae=SDXLVAE.from_pretrained(vae_folder, torch.float32, device),
-        schedule=NoiseSchedule.from_config(folder / "scheduler" / "scheduler_config.json"),
+        schedule=NoiseSchedule.from_config(
+            folder / "scheduler" / "scheduler_config.json", prediction_type, zero_terminal_snr
+        ),
         folder=folder,
         vae_folder=vae_folder,
     )

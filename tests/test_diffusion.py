@@ -18,9 +18,11 @@ def fake_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return 0.3 * torch.tanh(x) + 0.01 * torch.cos(x * float(t) / 100.0)
 
 
-def reference_sample(name: str, noise: torch.Tensor, steps: int, generator=None) -> torch.Tensor:
+def reference_sample(
+    name: str, noise: torch.Tensor, steps: int, generator=None, **config
+) -> torch.Tensor:
     """The diffusers pipeline's loop: init-noise scaling, scale_model_input, step."""
-    sched = REFERENCE[name].from_pretrained(CONFIG.parent)
+    sched = REFERENCE[name].from_pretrained(CONFIG.parent, **config)
     sched.set_timesteps(steps)
     x = noise * sched.init_noise_sigma
     for t in sched.timesteps:
@@ -94,6 +96,50 @@ def test_per_sample_generators_make_noise_batch_independent():
 
 def test_unsupported_schedule_rejected():
     with pytest.raises(UserError, match="timestep_spacing"):
-        NoiseSchedule.from_config({"timestep_spacing": "trailing"})
+        NoiseSchedule.from_config({"timestep_spacing": "linspace"})
     with pytest.raises(UserError, match="steps must be"):
         NoiseSchedule.scaled_linear().timesteps(0)
+
+
+# -- v-prediction, zero terminal SNR, trailing spacing ------------------------------------------
+
+VPRED = {
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
+}
+
+
+def test_zero_terminal_snr_schedule_matches_diffusers():
+    ours = NoiseSchedule.from_config(CONFIG, prediction_type="v_prediction", zero_terminal_snr=True)
+    ref = DDPMScheduler.from_pretrained(CONFIG.parent, **VPRED)
+    assert torch.equal(ours.alphas_cumprod, ref.alphas_cumprod)
+    assert ours.alphas_cumprod[-1] == 0 and ours.snr(torch.tensor([999])).item() == 0
+    assert ours.timestep_spacing == "trailing" and ours.timesteps(30)[:2].tolist() == [999, 966]
+    x0, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([0, 500, 999])
+    assert torch.equal(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t))
+    assert torch.equal(ours.target(x0, noise, t), ref.get_velocity(x0, noise, t))
+    # A v-prediction model config is read as such; trailing spacing comes with it.
+    assert (
+        NoiseSchedule.from_config({"prediction_type": "v_prediction"}).timestep_spacing
+        == "trailing"
+    )
+
+
+@pytest.mark.parametrize("name", ["euler", "ddim", "ddpm"])
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_v_prediction_samplers_match_reference(name, zero_snr):
+    config = {**VPRED, "rescale_betas_zero_snr": zero_snr}
+    schedule = NoiseSchedule.from_config(CONFIG, "v_prediction", zero_snr)
+    ref_sched = REFERENCE[name].from_pretrained(CONFIG.parent, **config)
+    for steps in (20, 30):
+        ref_sched.set_timesteps(steps)
+        assert torch.equal(schedule.timesteps(steps), ref_sched.timesteps.long())
+        if name == "euler":
+            assert torch.equal(schedule.sigmas(steps), ref_sched.sigmas)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = SAMPLERS[name](fake_eps, noise, schedule, 10, torch.Generator().manual_seed(1))
+    ref = reference_sample(name, noise, 10, torch.Generator().manual_seed(1), **config)
+    assert torch.isfinite(ours).all()
+    err = ((ours - ref).abs().max() / ref.abs().max()).item()
+    assert err <= 1e-6, err  # the same bar as the epsilon samplers

@@ -244,3 +244,42 @@ def test_cli_error_is_one_line(tmp_path):
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("error: --image-size '12x7'")
+
+
+def test_v_prediction_zero_snr_images_match_diffusers_pipeline(tiny_model):
+    """A v-prediction, zero-terminal-SNR model (NoobAI-XL style): trailing timesteps, the rescaled
+    schedule, and guidance rescale 0.7, as the diffusers pipeline configured the same way."""
+    from diffusers import EulerDiscreteScheduler
+
+    parts = load_sdxl(
+        tiny_model, torch.float32, prediction_type="v_prediction", zero_terminal_snr=True
+    )
+    assert parts.schedule.timestep_spacing == "trailing"
+    pipe = Pipeline(
+        parts.unet,
+        parts.text_encoder,
+        parts.vae,
+        parts.schedule,
+        torch.device("cpu"),
+        torch.float32,
+    )
+    ours = generate_unique_batch(pipe, PROMPTS, [11, 12], 64, 64, steps=4, guidance_rescale=0.7)
+    ref_pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model, dtype=torch.float32)
+    ref_pipe.scheduler = EulerDiscreteScheduler.from_config(
+        ref_pipe.scheduler.config,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+    )
+    ref = ref_pipe(
+        PROMPTS,
+        height=64,
+        width=64,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        guidance_rescale=0.7,
+        generator=[torch.Generator().manual_seed(s) for s in (11, 12)],
+        output_type="pt",
+    ).images
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)  # the same bar as the epsilon test

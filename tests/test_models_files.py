@@ -141,3 +141,29 @@ def test_long_prompts_in_generation_and_training(tiny_model, tmp_path):
     assert plain == cached  # fp32, the same embeddings: measured equal
     entry = load_file(next((cache / "text").iterdir()))
     assert entry["context"].shape == (2 * 77, 96)  # two chunks for --max_token_length 150
+
+
+def test_v_prediction_zero_snr_training_and_generation(tiny_model, tmp_path):
+    import generate_images
+
+    out = tmp_path / "out"
+    flags = ("--prediction_type", "v_prediction", "--zero_terminal_snr", "--snr_gamma", "5")
+    last = train(tiny_model, out, "--use_lora", "--max_train_steps", "3", *flags)
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(loss == loss for loss in losses)  # finite: no 0/0 at SNR 0
+    meta = read_safetensors_header(last.with_suffix(".safetensors"))[0]["__metadata__"]
+    assert meta["ss_v_parameterization"] == "True" and meta["modelspec.prediction_type"] == "v"
+    argv = ["--pretrained-model", str(tiny_model), "--output-dir", str(tmp_path / "gen")]
+    argv += ["--prompt", "a red circle", "--image-size", "64", "--steps", "2"]
+    argv += [
+        "--prediction-type",
+        "v_prediction",
+        "--zero-terminal-snr",
+        "--lora-checkpoint",
+        str(last),
+    ]
+    generate_images.main(generate_images.build_parser().parse_args(argv))
+    settings = json.loads((tmp_path / "gen" / "generation_config.json").read_text())[
+        "image_settings"
+    ]
+    assert settings["guidance_rescale"] == 0.7 and settings["zero_terminal_snr"] is True

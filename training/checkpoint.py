@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from sdxl.diffusion import NoiseSchedule
 from sdxl.errors import UserError
 from sdxl.files import TMP_SUFFIX, FolderLock, atomic_write, make_folder, remove_stale_tmp
 from sdxl.lora import get_lora_state_dict, load_lora_state_dict
@@ -125,7 +126,9 @@ def claim_output_dir(folder: Path, resume: str | None, overwrite: bool) -> Folde
 # ---------------------------------------------------------------------------------------------
 
 
-def lora_file_metadata(config: dict, records: list[Record]) -> dict[str, str]:
+def lora_file_metadata(
+    config: dict, records: list[Record], schedule: NoiseSchedule
+) -> dict[str, str]:
     """The metadata of the LoRA files written beside the checkpoints, but for their step and epoch:
     `sharing_metadata` from the run's configuration, and the counts of the captions' tags."""
     tags = Counter(t.strip() for r in records for t in r.caption.split(",") if t.strip())
@@ -138,6 +141,7 @@ def lora_file_metadata(config: dict, records: list[Record]) -> dict[str, str]:
             steps=0,
             epoch=0,
             learning_rate=config["learning_rate"],
+            v_prediction=schedule.prediction_type == "v_prediction",
             tag_frequency={Path(config["data_dir"]).name: dict(tags)},
             title=Path(config["output_dir"]).name,
         ),

@@ -148,7 +148,8 @@ def min_snr_weight(
 
     def weight(t: torch.Tensor) -> torch.Tensor:
         snr = schedule.snr(t)
-        return torch.clamp(snr, max=gamma) / (snr + offset)
+        # The floor keeps a zero-terminal-SNR schedule's last timestep (SNR 0) at weight 0, not 0/0.
+        return torch.clamp(snr, max=gamma) / (snr + offset).clamp(min=1e-12)
 
     return weight
 
