@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pretrained-model",
         default=None,
-        help=f"SDXL folder or 'tiny' (default: the LoRA's base model, else {DEFAULT_MODEL})",
+        help="an SDXL base model: a folder, a single .safetensors file, a Hub id, or 'tiny' "
+        f"(default: the training checkpoint's base model, else {DEFAULT_MODEL})",
     )
     p.add_argument(
         "--vae", type=Path, default=None, help="another VAE folder (e.g. the fp16-fix VAE)"
@@ -185,7 +186,7 @@ from tqdm import tqdm
 from sampling.inference import Pipeline, apply_lora, generate_unique_batch, to_pil
 from sdxl.diffusion import NoiseSchedule
 from sdxl.files import FolderLock, atomic_write, make_folder, remove_stale_tmp, write_json
-from sdxl.pretrained import load_sdxl, resolve_model
+from sdxl.pretrained import config_folder, load_sdxl, resolve_model
 from sdxl.unet import UNet2DConditionModel, config_from_diffusers
 from training.checkpoint import read_lora_weights, recorded_base_model
 from training.precision_util import resolve_device, resolve_precision
@@ -194,7 +195,7 @@ from training.precision_util import resolve_device, resolve_precision
 def check_lora_fits(lora: Path, model_folder: Path) -> None:
     """Attach the LoRA to a UNet built on the meta device: a file for another architecture fails
     here, before any weights are loaded."""
-    config = json.loads((model_folder / "unet" / "config.json").read_text())
+    config = json.loads((config_folder(model_folder) / "unet" / "config.json").read_text())
     with torch.device("meta"):
         unet = UNet2DConditionModel(config_from_diffusers(config))
     apply_lora(unet, read_lora_weights(lora, unet), merge=False)
@@ -236,14 +237,14 @@ def main(args: argparse.Namespace) -> Path:
     prompts = read_prompts(args)
     lora = Path(args.lora_checkpoint) if args.lora_checkpoint else None
     base = args.pretrained_model or (recorded_base_model(lora) if lora else None) or DEFAULT_MODEL
-    model_folder = resolve_model(base)
-    if lora is not None:
-        check_lora_fits(lora, model_folder)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
+    model_folder = resolve_model(base, half=precision.unet_dtype != torch.float32)
+    if lora is not None:
+        check_lora_fits(lora, model_folder)
     schedule_flags = (args.prediction_type, args.zero_terminal_snr)  # None: as the config says
     schedule = NoiseSchedule.from_config(
-        model_folder / "scheduler" / "scheduler_config.json", *schedule_flags
+        config_folder(model_folder) / "scheduler" / "scheduler_config.json", *schedule_flags
     )
     v_prediction = schedule.prediction_type == "v_prediction"
     rescale = args.guidance_rescale if args.guidance_rescale is not None else 0.7 * v_prediction

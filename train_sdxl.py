@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--pretrained_model",
         default=DEFAULT_MODEL,
-        help="a diffusers-layout SDXL folder, or 'tiny' for a small random SDXL",
+        help="an SDXL base model: a diffusers-layout folder, a single .safetensors file (the SGM "
+        "layout of Civitai fine-tunes), a Hugging Face Hub id, or 'tiny' (a small random SDXL)",
     )
     g.add_argument(
         "--vae", type=Path, default=None, help="another VAE folder (e.g. the fp16-fix VAE)"
@@ -379,8 +380,8 @@ def main(args: argparse.Namespace) -> Path:
     max_steps = args.max_train_steps or args.num_epochs * epoch_steps
     prompts = read_prompt_file(args.validation_prompts) if args.validation_prompts else []
     resume = load_checkpoint(args.resume) if args.resume else None
-    model_folder = resolve_model(args.pretrained_model)
     precision = resolve_precision(args.precision, dist.device, full_finetune=not args.use_lora)
+    model_folder = resolve_model(args.pretrained_model, half=precision.unet_dtype != torch.float32)
     output_dir = Path(args.output_dir)
     # One run per folder: a folder that holds another run is refused (see --overwrite).
     lock = claim_output_dir(output_dir, args.resume, args.overwrite) if dist.main else None

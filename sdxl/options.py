@@ -70,9 +70,13 @@ def check_device(value: str, name: str) -> None:
 
 
 def check_model(value: str | None, name: str) -> None:
-    """`tiny`, or an SDXL folder that exists (its contents are checked when it is loaded)."""
-    if value not in (None, "tiny") and not Path(value).is_dir():
-        raise UserError(f"{name}: model folder {value} does not exist; {DOWNLOAD_HINT}")
+    """`tiny`, a folder or single file that exists, or what looks like a Hugging Face Hub id
+    (`org/name`); what is in it is checked when it is loaded."""
+    if value in (None, "tiny") or Path(value).exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+        return
+    raise UserError(
+        f"{name}: model {value} does not exist (a folder, a single file or a Hub id); {DOWNLOAD_HINT}"
+    )
 
 
 def check_file(path: str | Path | None, name: str) -> None:

@@ -1,15 +1,23 @@
-"""SDXL model folders: checking and loading the diffusers layout, and a tiny random SDXL.
+"""SDXL base models as users have them, checked and loaded: a diffusers-layout folder, a single
+file, a Hugging Face Hub id, or `tiny`.
 
-The folder layout is the Hugging Face repository's (`uv run hf download stabilityai/stable-diffusion-xl-base-1.0
---local-dir weights/sdxl-base-1.0`): model_index.json, unet/, vae/, text_encoder/, text_encoder_2/,
-tokenizer/, tokenizer_2/, scheduler/. `tiny` names a small SDXL with random weights in exactly that
-layout, written once into a cache folder, so every script and test runs on a CPU in seconds.
+- A folder in the Hugging Face repository's layout (`uv run hf download stabilityai/stable-diffusion-
+  xl-base-1.0 --local-dir weights/sdxl-base-1.0`): model_index.json, unet/, vae/, text_encoder/,
+  text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/.
+- A single `.safetensors` (or `.ckpt`) file in the original SGM layout, as Civitai fine-tunes come:
+  read by sdxl/single_file.py with the configs and tokenizers this project ships.
+- A Hub id (`stabilityai/stable-diffusion-xl-base-1.0`, or a fine-tune's repo): downloaded into the
+  usual Hugging Face cache (only the files the loader reads; the fp16 files for a half-precision
+  run), or taken from that cache when offline (HF_HUB_OFFLINE=1).
+- `tiny`: a small SDXL with random weights in exactly the folder layout, written once into a cache
+  folder, so every script and test runs on a CPU in seconds.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -21,6 +29,12 @@ from safetensors.torch import save_file
 from sdxl.diffusion import NoiseSchedule
 from sdxl.files import cache_root
 from sdxl.options import DOWNLOAD_HINT
+from sdxl.single_file import (
+    SINGLE_FILE_SUFFIXES,
+    load_text_encoder_file,
+    load_unet_file,
+    load_vae_file,
+)
 from sdxl.text_encoders import SDXLTextEncoder
 from sdxl.unet import UNet2DConditionModel, config_from_diffusers, load_unet
 from sdxl.vae import SDXLVAE
@@ -48,13 +62,81 @@ _REQUIRED: dict[str, list[list[str]]] = {
 }
 
 
-def resolve_model(name: str | Path) -> Path:
-    """`tiny` -> the cached tiny SDXL (built on first use); anything else -> a checked folder."""
+def resolve_model(name: str | Path, half: bool = False) -> Path:
+    """The model's folder or single file: `tiny` -> the cached tiny SDXL (built on first use); an
+    existing folder or single file -> itself, checked; a Hub id -> its snapshot in the Hugging Face
+    cache (downloaded when needed; `half` prefers the fp16 files)."""
     if str(name) == "tiny":
         return tiny_sdxl()
-    folder = Path(name)
-    check_model_folder(folder)
-    return folder
+    path = Path(name)
+    if path.is_file():
+        if path.suffix not in SINGLE_FILE_SUFFIXES:
+            raise WeightsError(
+                f"{path}: a single-file model is {' or '.join(SINGLE_FILE_SUFFIXES)}"
+            )
+        return path
+    if not path.exists() and is_hub_id(str(name)):
+        path = hub_snapshot(str(name), half)
+    check_model_folder(path)
+    return path
+
+
+def config_folder(model: Path) -> Path:
+    """Where a model's configs and tokenizers are: its folder, or for a single file (which carries
+    none) the SDXL configs the project ships."""
+    return model if model.is_dir() else SDXL_CONFIGS
+
+
+def is_hub_id(name: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+
+
+# Files of a diffusers-layout repository the loader reads (none of the .bin, .ckpt or ONNX copies).
+_HUB_FILES = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer*/*"]
+_HUB_WEIGHTS = {
+    False: [
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder*/model.safetensors",
+    ],
+    True: [
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+        "text_encoder*/model.fp16.safetensors",
+    ],
+}
+
+
+def hub_snapshot(repo: str, half: bool) -> Path:
+    """A Hub repository's files in the Hugging Face cache: fetched with huggingface_hub (with its
+    progress bars) unless they are there already, or, without a network or with HF_HUB_OFFLINE=1,
+    taken from the cache. The fp16 weights for a half-precision run, the fp32 ones otherwise (and
+    when a repository has no fp16 files)."""
+    from huggingface_hub import snapshot_download
+
+    hint = (
+        f"download it where there is a network (uv run hf download {repo}) or pass a local folder"
+    )
+    for variant in (half, False):
+        patterns = _HUB_FILES + _HUB_WEIGHTS[variant]
+        try:
+            folder = Path(snapshot_download(repo, allow_patterns=patterns))
+        except Exception as online_error:
+            try:
+                folder = Path(
+                    snapshot_download(repo, allow_patterns=patterns, local_files_only=True)
+                )
+            except Exception:
+                raise WeightsError(
+                    f"Hub model {repo} is not in the Hugging Face cache and cannot be fetched "
+                    f"({type(online_error).__name__}); {hint}"
+                ) from None
+        try:
+            check_model_folder(folder)
+            return folder
+        except WeightsError:
+            continue  # no fp16 files: fetch the fp32 ones
+    raise WeightsError(f"Hub model {repo} is not an SDXL model in the diffusers layout; {hint}")
 
 
 def check_model_folder(folder: Path) -> None:
@@ -72,14 +154,15 @@ def check_model_folder(folder: Path) -> None:
 
 @dataclass
 class SDXLParts:
-    """What a training or generation run loads from a model folder."""
+    """What a training or generation run loads from a model, and where each part came from (the
+    caches key their entries by those files)."""
 
     unet: UNet2DConditionModel
     text_encoder: SDXLTextEncoder
     vae: SDXLVAE
     schedule: NoiseSchedule
-    folder: Path
-    vae_folder: Path
+    text_sources: tuple[Path, ...]  # the text encoders' folders, or the single file
+    vae_source: Path  # the VAE's folder, or the single file
 
 
 def load_sdxl(
@@ -91,23 +174,36 @@ def load_sdxl(
     prediction_type: str | None = None,
     zero_terminal_snr: bool | None = None,
 ) -> SDXLParts:
-    """Every component of a checked SDXL folder: UNet in `unet_dtype`, VAE in fp32, text encoders in
-    fp16 on CUDA (fp32 on the CPU) unless `text_dtype` says otherwise. The noise schedule follows
-    the folder's scheduler config, with the prediction type and zero terminal SNR overridden when
-    given (a v-prediction fine-tune's config may not say so)."""
-    index = json.loads((folder / "model_index.json").read_text())
-    vae_folder = Path(vae_folder or folder / "vae")
+    """Every component of a checked SDXL folder or single file: UNet in `unet_dtype`, VAE in fp32,
+    text encoders in fp16 on CUDA (fp32 on the CPU) unless `text_dtype` says otherwise. The noise
+    schedule follows the scheduler config (the shipped one for a single file), with the prediction
+    type and zero terminal SNR overridden when given (a v-prediction fine-tune may not say so)."""
+    if text_dtype is None:
+        text_dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    configs = config_folder(folder)
+    index = json.loads((configs / "model_index.json").read_text())
+    zeros = bool(index.get("force_zeros_for_empty_prompt", True))
+    if folder.is_dir():
+        unet = load_unet(folder / "unet", unet_dtype, device)
+        text_encoder = SDXLTextEncoder.from_pretrained(folder, text_dtype, device, zeros)
+        text_sources: tuple[Path, ...] = (folder / "text_encoder", folder / "text_encoder_2")
+    else:
+        unet = load_unet_file(folder, configs, unet_dtype, device)
+        text_encoder = load_text_encoder_file(folder, configs, text_dtype, device, zeros)
+        text_sources = (folder,)
+    if vae_folder is not None or folder.is_dir():
+        vae_source = Path(vae_folder or folder / "vae")
+        vae = SDXLVAE.from_pretrained(vae_source, torch.float32, device)
+    else:
+        vae_source, vae = folder, SDXLVAE(load_vae_file(folder, configs, device))
+    schedule_config = configs / "scheduler" / "scheduler_config.json"
     return SDXLParts(
-        unet=load_unet(folder / "unet", unet_dtype, device),
-        text_encoder=SDXLTextEncoder.from_pretrained(
-            folder, text_dtype, device, bool(index.get("force_zeros_for_empty_prompt", True))
-        ),
-        vae=SDXLVAE.from_pretrained(vae_folder, torch.float32, device),
-        schedule=NoiseSchedule.from_config(
-            folder / "scheduler" / "scheduler_config.json", prediction_type, zero_terminal_snr
-        ),
-        folder=folder,
-        vae_folder=vae_folder,
+        unet=unet,
+        text_encoder=text_encoder,
+        vae=vae,
+        schedule=NoiseSchedule.from_config(schedule_config, prediction_type, zero_terminal_snr),
+        text_sources=text_sources,
+        vae_source=vae_source,
     )
 
 

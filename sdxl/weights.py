@@ -51,25 +51,42 @@ def read_safetensors_header(path: str | Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+class SafetensorsFile:
+    """One safetensors file, read a tensor at a time with plain reads (not a memory map, whose pages
+    would stay resident), each tensor cast to `dtype` (floating-point ones) and moved to `device`.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.header, self.start = read_safetensors_header(self.path)
+        self.header.pop("__metadata__", None)
+
+    def names(self) -> list[str]:
+        """The tensors' names, in file order."""
+        return sorted(self.header, key=lambda name: self.header[name]["data_offsets"][0])
+
+    def read(
+        self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        info = self.header[name]
+        begin, end = info["data_offsets"]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.start + begin)
+            if f.readinto(buf.numpy().data) != end - begin:
+                raise WeightsError(f"{self.path}: file is truncated (tensor {name})")
+        t = buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t.to(device)
+
+
 def read_safetensors(
     path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
 ) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file; floating-point ones are cast to `dtype` on the way in."""
-    header, start = read_safetensors_header(path)
-    header.pop("__metadata__", None)
-    state: dict[str, torch.Tensor] = {}
-    with open(path, "rb") as f:
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            begin, end = info["data_offsets"]
-            buf = torch.empty(end - begin, dtype=torch.uint8)
-            f.seek(start + begin)
-            if f.readinto(buf.numpy().data) != end - begin:
-                raise WeightsError(f"{path}: file is truncated (tensor {name})")
-            t = buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            state[name] = t.to(device)
-    return state
+    file = SafetensorsFile(path)
+    return {name: file.read(name, dtype, device) for name in file.names()}
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

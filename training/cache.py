@@ -37,11 +37,13 @@ TextEncoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 
 
 def folder_identity(folder: Path) -> str:
+    """A model part's identity: a hash of its folder's configs and of the size, first and last MiB
+    of its weight files (or of one single file)."""
     h = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
+    for path in sorted(folder.iterdir()) if folder.is_dir() else [folder]:
         if path.suffix == ".json":
             h.update(path.read_bytes())
-        elif path.suffix == ".safetensors":
+        elif path.suffix in (".safetensors", ".ckpt", ".pt", ".pth"):
             size = path.stat().st_size
             with open(path, "rb") as f:
                 h.update(f"{path.name}:{size}".encode())
@@ -157,13 +159,12 @@ def encoders(
     encode_text: TextEncoder = functools.partial(parts.text_encoder.encode, chunks=chunks)
     with dist.first_process_first():
         if cache_latents:
-            vae_id = folder_identity(parts.vae_folder)
+            vae_id = folder_identity(parts.vae_source)
             data = CachedLatents(data, parts.vae, cache_dir, vae_id)
             val_data = CachedLatents(val_data, parts.vae, cache_dir, vae_id)
             encode_images = moments_as_given
         if cache_text:
-            text_id = folder_identity(parts.folder / "text_encoder")
-            text_id += folder_identity(parts.folder / "text_encoder_2")
+            text_id = "".join(folder_identity(source) for source in parts.text_sources)
             captions = [r.caption for r in data.records + val_data.records]
             encode_text = CachedText(
                 captions, parts.text_encoder, cache_dir, text_id, dist.device, chunks

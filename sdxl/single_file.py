@@ -1,0 +1,189 @@
+"""SDXL from one file: the original (SGM) layout of Civitai-style checkpoints and fine-tunes.
+
+A single-file SDXL checkpoint holds all four parts under the names of Stability's original code:
+
+    model.diffusion_model.*                the UNet (input_blocks / middle_block / output_blocks)
+    conditioner.embedders.0.transformer.*  CLIP ViT-L, as transformers names it
+    conditioner.embedders.1.model.*        OpenCLIP ViT-bigG, as open_clip names it
+    first_stage_model.*                    the VAE
+
+diffusers' converters (`diffusers.loaders.single_file_utils`) rename each part to the diffusers
+layout; nothing here is a hand-written table. The file carries no configs and no tokenizers: those
+come from the SDXL configs the project ships (`sdxl/configs/sdxl-base-1.0`, with OpenAI's CLIP
+vocabulary), so loading never touches the network.
+
+Memory: the file is read lazily, one tensor at a time as a converter asks for it, cast to the dtype
+of the part it belongs to, so the whole file is never in memory at once; a part's tensors go into
+its model without a second copy (the text encoders are copied once by transformers' loader).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+    infer_diffusers_model_type,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from sdxl.text_encoders import SDXLTextEncoder
+from sdxl.unet import UNet2DConditionModel, config_from_diffusers
+from sdxl.weights import SafetensorsFile, WeightsError, load_state_dict_strict
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+CLIP_L = "conditioner.embedders.0.transformer."
+CLIP_G = "conditioner.embedders.1.model."
+# What diffusers' detector calls the models that are not SDXL base, for the one-line error.
+OTHER_MODELS = {
+    "v1": "Stable Diffusion 1.x",
+    "v2": "Stable Diffusion 2.x",
+    "inpainting": "a Stable Diffusion 1.x inpainting model",
+    "inpainting_v2": "a Stable Diffusion 2.x inpainting model",
+    "xl_refiner": "the SDXL refiner (it needs the base model's UNet)",
+    "xl_inpaint": "an SDXL inpainting model (9 input channels)",
+    "playground-v2-5": "Playground v2.5",
+    "sd3": "Stable Diffusion 3",
+    "sd35_medium": "Stable Diffusion 3.5 Medium",
+    "sd35_large": "Stable Diffusion 3.5 Large",
+    "flux-dev": "Flux",
+    "flux-schnell": "Flux",
+    "flux-fill": "Flux",
+    "flux-depth": "Flux",
+}
+
+
+class LazyCheckpoint(Mapping[str, torch.Tensor]):
+    """The tensors of a single-file checkpoint, read when asked for and cast to `dtype` (floating
+    point ones) on `device`. A .safetensors file is read a tensor at a time (sdxl/weights.py); a
+    .ckpt / .pt file is memory-mapped with torch.load(weights_only=True), its `state_dict` wrapper
+    unwrapped."""
+
+    def __init__(
+        self, path: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ):
+        self.path, self.dtype, self.device = path, dtype, device
+        if path.suffix == ".safetensors":
+            self.file = SafetensorsFile(path)
+            self.names = self.file.names()
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            self.state = state.get("state_dict", state) if isinstance(state, dict) else {}
+            self.names = [k for k, v in self.state.items() if isinstance(v, torch.Tensor)]
+        self.known = set(self.names)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.known:
+            raise KeyError(key)
+        if self.path.suffix == ".safetensors":
+            return self.file.read(key, self.dtype, self.device)
+        t = self.state[key]
+        if self.dtype is not None and t.is_floating_point():
+            t = t.to(self.dtype)
+        return t.to(self.device)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.known
+
+
+def open_checkpoint(path: Path, dtype: torch.dtype | None = None, device="cpu") -> LazyCheckpoint:
+    """A single file, checked to be an SDXL base checkpoint: anything else is a one-line error
+    that names what it looks like."""
+    try:
+        ckpt = LazyCheckpoint(path, dtype, device)
+    except Exception as e:
+        raise WeightsError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    names = ckpt.names
+    if any("lora" in k for k in names[:1000]):
+        raise WeightsError(f"{path} is a LoRA, not a model; load it with --lora-checkpoint")
+    kind = infer_diffusers_model_type(ckpt)  # its fallback, "v1", is also its answer for unknowns
+    sdxl = (
+        "model.diffusion_model.label_emb.0.0.weight" in ckpt
+        and f"{CLIP_L}text_model.final_layer_norm.weight" in ckpt
+        and f"{CLIP_G}ln_final.weight" in ckpt
+    )
+    if kind == "xl_base" or (kind == "v1" and sdxl):
+        return ckpt
+    looks = OTHER_MODELS.get(kind, kind)
+    if kind == "v1" and not any(k.startswith("model.diffusion_model.") for k in names):
+        looks = "no Stable Diffusion model we know (no model.diffusion_model.* UNet)"
+    raise WeightsError(f"{path} is not an SDXL base checkpoint: it looks like {looks}")
+
+
+def load_unet_file(
+    path: Path, configs: Path, dtype: torch.dtype, device="cpu"
+) -> UNet2DConditionModel:
+    """The UNet of a single file, built on the meta device and loaded strictly, by assignment."""
+    config = json.loads((configs / "unet" / "config.json").read_text())
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(config_from_diffusers(config))
+    state = convert_ldm_unet_checkpoint(open_checkpoint(path, dtype, device), config)
+    load_state_dict_strict(unet, state, f"UNet of {path}")
+    return unet
+
+
+def load_text_encoder_file(
+    path: Path, configs: Path, dtype: torch.dtype, device="cpu", force_zeros: bool = True
+) -> SDXLTextEncoder:
+    """Both text encoders of a single file, with the shipped tokenizers and configs."""
+    ckpt = open_checkpoint(path, dtype)
+    config_1 = CLIPTextConfig.from_pretrained(configs / "text_encoder")
+    config_2 = CLIPTextConfig.from_pretrained(configs / "text_encoder_2")
+    state_1 = convert_ldm_clip_checkpoint(ckpt, remove_prefix=CLIP_L)
+    # position_ids is a buffer transformers makes itself; some files carry it, some do not.
+    state_1.pop("text_model.embeddings.position_ids", None)
+    with torch.device("meta"):
+        shape_of_2 = CLIPTextModelWithProjection(config_2)  # the converter reads its config
+    state_2 = convert_open_clip_checkpoint(shape_of_2, ckpt, prefix=CLIP_G)
+    return SDXLTextEncoder(
+        CLIPTokenizer.from_pretrained(configs / "tokenizer"),
+        CLIPTokenizer.from_pretrained(configs / "tokenizer_2"),
+        _from_state(CLIPTextModel, config_1, state_1, dtype, f"text encoder 1 of {path}").to(
+            device
+        ),
+        _from_state(
+            CLIPTextModelWithProjection, config_2, state_2, dtype, f"text encoder 2 of {path}"
+        ).to(device),
+        force_zeros,
+    )
+
+
+def _from_state(cls, config, state: dict, dtype: torch.dtype, what: str):
+    """A transformers model from a converted state dict; every key must match (transformers maps
+    the `text_model.` names its version no longer uses, as it does for a model folder)."""
+    model, info = cls.from_pretrained(
+        None, config=config, state_dict=state, dtype=dtype, output_loading_info=True
+    )
+    problems = {
+        k: v
+        for k, v in info.items()
+        if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    }
+    if problems:
+        raise WeightsError(
+            f"{what}: " + "; ".join(f"{k}: {sorted(v)[:3]}" for k, v in problems.items())
+        )
+    return model
+
+
+def load_vae_file(path: Path, configs: Path, device="cpu") -> AutoencoderKL:
+    """The VAE of a single file, in fp32 (the SDXL VAE overflows in fp16)."""
+    config = json.loads((configs / "vae" / "config.json").read_text())
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(config)
+    state = convert_ldm_vae_checkpoint(open_checkpoint(path, torch.float32, device), config)
+    load_state_dict_strict(vae, state, f"VAE of {path}")
+    return vae
