@@ -45,8 +45,10 @@ def write_error(e: BaseException, path: Path, free: int | None = None) -> UserEr
     """The one-line form of a failed write, or None for a failure that is not about the disk."""
     code = getattr(e, "errno", None)
     # torch.save reports a full disk as "RuntimeError: [enforce fail at inline_container.cc] unexpected
-    # pos", with no errno; the free space at the moment of failure tells.
-    if code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 2**20):
+    # pos", with no errno (the free space at the moment of failure tells); safetensors as its own
+    # error type, with the system's message in it.
+    full = code in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e)
+    if full or (free is not None and free < 2**20):
         return UserError(f"cannot write {path}: no space left on {path.parent}; free some space")
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
         return UserError(f"cannot write into {path.parent}: permission denied (read-only?)")

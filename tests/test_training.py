@@ -67,7 +67,12 @@ def test_lora_run_writes_outputs_and_checkpoint_contents(tiny_model, tmp_path):
     )
     names = sorted(p.name for p in tmp_path.iterdir())
     assert "config.json" in names and "metrics.jsonl" in names
-    steps = [n for n in names if n.startswith("lora_step") and not n.endswith("_lowest_loss.pt")]
+    checkpoints = [
+        n for n in names if n.endswith(".pt")
+    ]  # (each has a LoRA .safetensors beside it)
+    steps = [
+        n for n in checkpoints if n.startswith("lora_step") and not n.endswith("_lowest_loss.pt")
+    ]
     assert len(steps) == 2 and steps[-1].startswith("lora_step000006_")  # --keep_last 2 pruned
     assert not any(n.startswith("lora_epoch") for n in names)  # 8 images: 6 steps < 1 epoch
     assert len([n for n in names if n.endswith("_lowest_loss.pt")]) == 1
