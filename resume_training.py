@@ -75,7 +75,7 @@ def config_to_argv(config: dict) -> list[str]:
     for action in train_sdxl.build_parser()._actions:
         if (
             not action.option_strings
-            or action.dest in ("help", "resume")
+            or action.dest in ("help", "resume", "config")  # (a config file's values are all here)
             or action.dest not in config
         ):
             continue
@@ -84,6 +84,8 @@ def config_to_argv(config: dict) -> list[str]:
             argv.append(flag if value else f"--no-{flag[2:]}")
         elif action.nargs == 0:  # store_true
             argv += [flag] if value else []
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)] if value else []
         elif value is not None:
             argv += [flag, str(value)]
     return argv

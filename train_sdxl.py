@@ -22,6 +22,7 @@ import argparse
 import itertools
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -34,7 +35,9 @@ from sdxl.options import (
     DEFAULT_MODEL,
     FRACTION,
     LORA_FORMATS,
+    LOSS_TYPES,
     MULTIPLE_OF_8,
+    OPTIMIZER_NAMES,
     POSITIVE,
     PRECISIONS,
     TARGET_MODES,
@@ -44,12 +47,22 @@ from sdxl.options import (
     check_model,
     check_numbers,
     check_output_dir,
+    parse_with_config,
 )
 from training.scan import check_data_dir
 
 # Flags that name files or folders: config.json records them as absolute paths, so that a resume
 # started from another directory reads and writes the same places.
-PATH_FLAGS = ("data_dir", "output_dir", "cache_dir", "vae", "validation_prompts", "resume")
+PATH_FLAGS = (
+    "data_dir",
+    "reg_data_dir",
+    "output_dir",
+    "cache_dir",
+    "vae",
+    "validation_prompts",
+    "resume",
+    "config",
+)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -82,8 +95,22 @@ def check_args(args: argparse.Namespace) -> None:
             "ema_decay": FRACTION,
             "save_interval": AT_LEAST_0,
             "keep_last": AT_LEAST_0,
+            "keep_tokens": AT_LEAST_0,
+            "caption_tag_dropout_rate": FRACTION,
+            "prior_loss_weight": AT_LEAST_0,
+            "huber_c": POSITIVE,
+            "multires_noise_iterations": AT_LEAST_0,
+            "multires_noise_discount": FRACTION,
+            "ip_noise_gamma": AT_LEAST_0,
         },
     )
+    if (args.shuffle_caption or args.caption_tag_dropout_rate) and args.cache_text_embeddings:
+        raise UserError(
+            "--shuffle_caption and --caption_tag_dropout_rate change captions every epoch, which "
+            "cached text embeddings would freeze; drop --cache_text_embeddings or them"
+        )
+    if args.reg_data_dir is not None:
+        check_data_dir(args.reg_data_dir)
     if args.bucket and args.image_size < 64:
         raise UserError(
             f"--bucket needs --image_size 64 or more (buckets have sides in multiples of 64), got {args.image_size}"
@@ -101,7 +128,15 @@ def check_args(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # a flag is spelled out, on the command line as in a --config file
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="a TOML file of these flags (keys without the dashes: lora_rank = 8); the command "
+        "line overrides it, and config.json records where each value came from",
     )
     g = p.add_argument_group("data")
     g.add_argument(
@@ -178,6 +213,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="where cached latents / embeddings go (default: ~/.cache/sdxl-lora/cache)",
     )
     g.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
+    g.add_argument(
+        "--caption_extension", default=".txt", help="the caption files' extension (.txt, .caption)"
+    )
+    g.add_argument(
+        "--shuffle_caption",
+        action="store_true",
+        help="shuffle each caption's comma-separated tags (per sample, reproducibly)",
+    )
+    g.add_argument(
+        "--keep_tokens",
+        type=int,
+        default=0,
+        help="with --shuffle_caption / --caption_tag_dropout_rate: the first N tags stay in place",
+    )
+    g.add_argument(
+        "--caption_separator", default=",", help="what separates a caption's tags (default ,)"
+    )
+    g.add_argument(
+        "--caption_tag_dropout_rate",
+        type=float,
+        default=0.0,
+        help="drop each tag (after --keep_tokens) with this probability",
+    )
+    g.add_argument(
+        "--masked_loss",
+        action="store_true",
+        help="weight the loss per pixel by the image's alpha channel, or by name.mask.png beside it",
+    )
+    g.add_argument(
+        "--reg_data_dir",
+        default=None,
+        help="regularisation (prior-preservation) images, as --data_dir; each step pairs them "
+        "with the training images (DreamBooth)",
+    )
+    g.add_argument(
+        "--prior_loss_weight",
+        type=float,
+        default=1.0,
+        help="weight of the regularisation images' loss",
+    )
     g = p.add_argument_group("model")
     g.add_argument(
         "--pretrained_model",
@@ -268,6 +343,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="min-SNR loss weighting gamma (5 is usual); off by default",
     )
     g.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=OPTIMIZER_NAMES,
+        help="adamw; adamw8bit (bitsandbytes, CUDA); adafactor (relative step); prodigy (use "
+        "--learning_rate 1); the last two need uv sync --extra optimizers",
+    )
+    g.add_argument(
+        "--optimizer_args",
+        nargs="*",
+        default=[],
+        help="key=value arguments for the optimizer, e.g. betas=(0.9,0.99) d_coef=1",
+    )
+    g.add_argument(
+        "--loss_type",
+        default="l2",
+        choices=LOSS_TYPES,
+        help="l2; huber or smooth_l1 (pseudo-Huber, robust to outliers; with --huber_c)",
+    )
+    g.add_argument("--huber_c", type=float, default=0.1, help="the Huber losses' threshold c")
+    g.add_argument(
+        "--debiased_estimation_loss",
+        action="store_true",
+        help="weight the loss by 1/sqrt(SNR) (Yu et al. 2024)",
+    )
+    g.add_argument(
+        "--multires_noise_iterations",
+        type=int,
+        default=0,
+        help="levels of multi-resolution noise (6-10 is usual; up to 8 used); off by default",
+    )
+    g.add_argument(
+        "--multires_noise_discount",
+        type=float,
+        default=0.3,
+        help="weight of each coarser level of multi-resolution noise",
+    )
+    g.add_argument(
+        "--ip_noise_gamma",
+        type=float,
+        default=0.0,
+        help="input perturbation: extra noise on the UNet's input only (0.1 is usual)",
+    )
+    g.add_argument(
         "--noise_offset",
         type=float,
         default=0.0,
@@ -319,10 +437,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolved_config(
+    args: argparse.Namespace, model: Path, precision: str, dist: Distributed
+) -> dict:
+    """What config.json and every checkpoint record of the run: the flags, with paths made absolute,
+    and what was resolved from them. Plain values only, as weights_only loading requires."""
+    return {
+        **vars(args),
+        **{k: str(Path(v).resolve()) for k, v in vars(args).items() if k in PATH_FLAGS and v},
+        "base_model": str(model.resolve()),
+        "resolved_precision": precision,
+        "resolved_device": str(dist.device),
+        "processes": dist.world,
+    }
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line over the --config file, if one is named."""
+    return parse_with_config(build_parser(), argv)
+
+
 if __name__ == "__main__":
     # Read and check the flags before the heavy imports below (torch, transformers and diffusers
     # take about 20 s on a small machine), so that --help and a bad flag answer at once.
-    run_cli(check_args, build_parser())
+    run_cli(check_args, lambda: parse_args(sys.argv[1:]))
 
 import torch
 from tqdm import tqdm
@@ -338,15 +476,15 @@ from training.checkpoint import (
     save_checkpoints,
 )
 from training.data_loader import (
-    TrainingData,
-    assign_buckets,
     bucket_table,
+    datasets,
     fixed_batches,
     optimizer_steps,
+    paired_steps,
     split_validation,
     steps_per_epoch,
 )
-from training.distributed import init_distributed
+from training.distributed import Distributed, init_distributed
 from training.precision_util import resolve_precision
 from training.scan import scan
 from training.train_loop import (
@@ -366,15 +504,15 @@ def main(args: argparse.Namespace) -> Path:
     check_args(args)  # again, for callers that skip the command line
     # -- set-up, in the order that fails fastest on bad input: data, processes, model, outputs --
     cache_dir = Path(args.cache_dir) if args.cache_dir else cache_root() / "cache"
-    records = scan(args.data_dir, cache_dir / "scan")
-    train_records, val_records = split_validation(records, args.validation_split, args.seed)
+    records, reg_records = (
+        scan(folder, cache_dir / "scan", caption_extension=args.caption_extension) if folder else []
+        for folder in (args.data_dir, args.reg_data_dir)
+    )
     dist = init_distributed(args.device)
-    buckets = assign_buckets(train_records, args.image_size) if args.bucket else None
-    if buckets and dist.main:
-        print(bucket_table(buckets))
-    augment = (args.center_crop, args.random_flip, args.caption_dropout)
-    data = TrainingData(train_records, args.image_size, *augment, args.seed, buckets)
-    val_data = TrainingData(val_records, args.image_size, center_crop=True, seed=args.seed)
+    train_records, val_records = split_validation(records, args.validation_split, args.seed)
+    data, val_data, reg_data = datasets(args, train_records, val_records, reg_records)
+    if args.bucket and dist.main:
+        print(bucket_table(data.targets))
     accum = args.gradient_accumulation_steps
     epoch_steps = steps_per_epoch(data, args.batch_size, dist.world, accum)
     max_steps = args.max_train_steps or args.num_epochs * epoch_steps
@@ -385,14 +523,7 @@ def main(args: argparse.Namespace) -> Path:
     output_dir = Path(args.output_dir)
     # One run per folder: a folder that holds another run is refused (see --overwrite).
     lock = claim_output_dir(output_dir, args.resume, args.overwrite) if dist.main else None
-    config = {  # plain values only: it goes into checkpoints loaded with weights_only=True
-        **vars(args),
-        **{k: str(Path(v).resolve()) for k, v in vars(args).items() if k in PATH_FLAGS and v},
-        "base_model": str(model_folder.resolve()),
-        "resolved_precision": precision.name,
-        "resolved_device": str(dist.device),
-        "processes": dist.world,
-    }
+    config = resolved_config(args, model_folder, precision.name, dist)
     if dist.main:
         write_json(config, output_dir / "config.json")
 
@@ -405,8 +536,8 @@ def main(args: argparse.Namespace) -> Path:
     share = lora_file_metadata(config, records, parts.schedule) if args.use_lora else {}
     cached = (args.cache_latents, args.cache_text_embeddings)
     chunks = args.max_token_length // 75  # captions are encoded in chunks of 75 tokens
-    data, val_data, encode_images, encode_text = encoders(
-        parts, data, val_data, *cached, cache_dir, dist, chunks
+    (data, val_data, reg_data), encode_images, encode_text = encoders(
+        parts, [data, val_data, reg_data], *cached, cache_dir, dist, chunks
     )
     if all(cached) and not prompts:
         parts.vae.to("cpu")  # not needed on the device any more
@@ -416,10 +547,12 @@ def main(args: argparse.Namespace) -> Path:
     if resume is not None:
         restore_checkpoint(resume, Path(args.resume), tr, state)
     val_batches = fixed_batches(val_data, args.batch_size)
-    # Every step's micro-batches, from where the run stands (mid-epoch, for a resumed run).
+    # Every step's micro-batches, from where the run stands (mid-epoch, for a resumed run), and
+    # the regularisation micro-batches paired with them (none without --reg_data_dir).
     steps = optimizer_steps(
         data, args.batch_size, accum, state.epoch, state.position, dist, args.num_workers
     )
+    reg_steps = paired_steps(reg_data, args.batch_size, accum, state.step, dist, args.num_workers)
 
     # -- the loop: one optimizer step an iteration; only the first process writes ----------------
     samples_per_step = args.batch_size * dist.world * accum
@@ -429,8 +562,12 @@ def main(args: argparse.Namespace) -> Path:
     bar = tqdm(total=max_steps, initial=state.step, desc="train", disable=not dist.main)
     with metrics, bar, StopSignals() as stop:
         tick = time.perf_counter()
-        for micro_batches, epoch, position in itertools.islice(steps, max_steps - state.step):
-            loss, grad_norm = torch.stack(train_step(tr, micro_batches)).tolist()  # one device sync
+        for (micro, epoch, position), reg_micro in zip(
+            itertools.islice(steps, max_steps - state.step), reg_steps
+        ):
+            # The step's one device sync: its losses (training, regularisation) and gradient norm.
+            train_loss, reg_loss, grad_norm = torch.stack(train_step(tr, micro, reg_micro)).tolist()
+            loss = train_loss + args.prior_loss_weight * reg_loss
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"loss is {loss}; stopping without saving "
@@ -444,6 +581,7 @@ def main(args: argparse.Namespace) -> Path:
                 "lr": tr.lr_scheduler.get_last_lr()[0],
                 "grad_norm": grad_norm,
                 "images_per_s": samples_per_step / (tick - tock),
+                **({"train_loss": train_loss, "reg_loss": reg_loss} if reg_data else {}),
             }
             epoch_done = epoch > state.epoch
             state.advance(loss, epoch, position)
@@ -484,4 +622,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    run_cli(main, build_parser())
+    run_cli(main, lambda: parse_args(sys.argv[1:]))

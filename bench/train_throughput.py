@@ -99,8 +99,8 @@ def main(args: argparse.Namespace) -> None:
     )
     results = {"uncached": run("uncached", args, tr, data, precision)}
     with tempfile.TemporaryDirectory() as cache:
-        cached, _, encode_images, encode_text = encoders(
-            parts, data, data, True, True, Path(cache), dist
+        (cached,), encode_images, encode_text = encoders(
+            parts, [data], True, True, Path(cache), dist
         )
         # The same model and optimizer, with the cache's encoders.
         tr = dataclasses.replace(tr, encode_images=encode_images, encode_text=encode_text)
@@ -130,14 +130,14 @@ def run(kind: str, args, tr, data, precision) -> float:
                 torch.cuda.reset_peak_memory_stats()
         with timed("data"):
             ids = [(step * args.batch_size + i) % len(data) for i in range(args.batch_size)]
-            images, time_ids, captions, sample_ids = collate([data[(i, i)] for i in ids])
+            images, time_ids, captions, sample_ids, masks = collate([data[(i, i)] for i in ids])
         with timed("vae encode"):  # cached: nothing but the copy to the device
             moments = tr.encode_images(images.to(device))
         with timed("text encode"):
             context, pooled = tr.encode_text(captions)
         with timed("unet fwd+bwd"):
             seeds = sample_ids.to(device)  # any distinct seeds will do here
-            inputs = (moments, context, pooled, time_ids.to(device), seeds)
+            inputs = (moments, context, pooled, time_ids.to(device), seeds, masks.to(device))
             micro_batch_loss(tr, inputs).backward()
         with timed("optimizer"):
             optimizer_update(tr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,8 @@ PRECISIONS = ("bf16", "fp16", "fp32")  # training/precision_util.py: DTYPES
 TARGET_MODES = ("attention", "attention_out", "all")  # sdxl/lora.py
 LORA_FORMATS = ("native", "diffusers", "kohya")  # sdxl/lora_formats.py
 SAMPLER_NAMES = ("euler", "ddim", "ddpm")  # sampling/samplers.py: SAMPLERS
+OPTIMIZER_NAMES = ("adamw", "adamw8bit", "adafactor", "prodigy")  # training/optimizers.py
+LOSS_TYPES = ("l2", "huber", "smooth_l1")  # training/train_loop.py: elementwise_loss
 
 # A rule for a number: the test and how to say what it must be.
 Rule = tuple[Callable[[float], bool], str]
@@ -60,6 +63,53 @@ def check_output_dir(path: str | Path, name: str) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise UserError(f"{name} {path} is inside {parent}, which is a file; give a folder")
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The command line, over the flags of a TOML file if it names one (`--config FILE.toml`, keys
+    spelled as the flags without their dashes, as kohya's config files are): the command line wins.
+    The file's values go through the parser like typed flags, so they are checked the same way.
+    `sources` records where each value came from: "command line", "config file" or "default"."""
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    given = {
+        parser._option_string_actions[t.split("=")[0]].dest
+        for t in argv
+        if t.startswith("--") and t.split("=")[0] in parser._option_string_actions
+    }
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config")
+    config = first.parse_known_args(argv)[0].config
+    tokens: list[str] = []
+    if config is not None:
+        try:
+            table = tomllib.loads(Path(config).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise UserError(f"--config {config}: not a readable TOML file ({e})") from None
+        for key, value in table.items():
+            if key not in actions or key == "config":
+                raise UserError(f"--config {config}: unknown option {key!r}")
+            tokens += _flag_tokens(actions[key], value)
+    args = parser.parse_args(tokens + argv)
+    file_keys = set(table) if config is not None else set()
+    args.sources = {
+        dest: "command line" if dest in given else "config file" if dest in file_keys else "default"
+        for dest in actions
+        if dest != "help"
+    }
+    return args
+
+
+def _flag_tokens(action: argparse.Action, value: object) -> list[str]:
+    """A TOML value as the command-line tokens that set it."""
+    flag = action.option_strings[0]
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return [flag if value else f"--no-{flag[2:]}"]
+    if action.nargs == 0:  # store_true: only true can be said
+        if not isinstance(value, bool):
+            raise UserError(f"config: {flag[2:]} must be true or false, got {value!r}")
+        return [flag] if value else []
+    values = value if isinstance(value, list) else [value]
+    return [flag, *(str(v) for v in values)]
 
 
 def check_device(value: str, name: str) -> None:

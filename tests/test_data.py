@@ -42,8 +42,8 @@ def test_folder_and_webdataset_give_the_same_samples(tmp_path):
     a = TrainingData(folder_records, 32, random_flip=True, seed=3)
     b = TrainingData(tar_records, 32, random_flip=True, seed=3)
     for i in range(len(a)):
-        pa, ida, ca, _ = a[(i, i)]
-        pb, idb, cb, _ = b[(i, i)]
+        pa, ida, ca, _, _ = a[(i, i)]
+        pb, idb, cb, _, _ = b[(i, i)]
         assert torch.equal(pa, pb) and torch.equal(ida, idb) and ca == cb
 
 
@@ -51,23 +51,23 @@ def test_crop_and_micro_conditioning_for_a_known_image():
     # 200 x 100 (w x h): the shorter side (100) goes to 50, so the resized image is 100 x 50.
     image = Image.new("RGB", (200, 100))
     image.paste((255, 0, 0), (0, 0, 100, 100))  # left half red, right half black
-    pixels, ids = prepare(image, 50, center_crop=True, random_flip=False, g=torch.Generator())
+    pixels, ids, _ = prepare(image, 50, center_crop=True, random_flip=False, g=torch.Generator())
     assert ids.tolist() == [100, 200, 0, 25, 50, 50]  # orig (h, w), crop (top, left), target (h, w)
     assert pixels.shape == (3, 50, 50)
     assert pixels[0, 25, 5] > 0.9 and pixels[0, 25, 45] < -0.9  # crop spans the red/black boundary
     # Random crops: the recorded left offset is where the crop really was.
     for seed in range(20):
         g = torch.Generator().manual_seed(seed)
-        pixels, ids = prepare(image, 50, center_crop=False, random_flip=False, g=g)
+        pixels, ids, _ = prepare(image, 50, center_crop=False, random_flip=False, g=g)
         left = int(ids[3])
         red_columns = int((pixels[0, 25] > 0.9).sum())
         assert abs(red_columns - max(0, 50 - left)) <= 1
     # Flip-aware: after flipping, the left offset is measured in the flipped image.
     for seed in range(20):
         g = torch.Generator().manual_seed(seed)
-        flipped, ids = prepare(image, 50, center_crop=False, random_flip=True, g=g)
+        flipped, ids, _ = prepare(image, 50, center_crop=False, random_flip=True, g=g)
         g = torch.Generator().manual_seed(seed)
-        plain, plain_ids = prepare(image, 50, center_crop=False, random_flip=False, g=g)
+        plain, plain_ids, _ = prepare(image, 50, center_crop=False, random_flip=False, g=g)
         if not torch.equal(flipped, plain):
             assert int(ids[3]) == 100 - int(plain_ids[3]) - 50
             assert torch.equal(flipped, plain.flip(-1))

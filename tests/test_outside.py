@@ -182,7 +182,7 @@ def test_05_exif_orientation_is_applied_to_pixels_sizes_buckets_and_time_ids(tmp
     assert upright[:18, :, 0].mean() > 200 and upright[22:, :, 0].mean() < 50  # red on top
     width, height = assign_buckets([record], 128)[0]
     assert width < height
-    _, time_ids, _, _ = TrainingData([record], 16, center_crop=True)[(0, 0)]
+    _, time_ids, _, _, _ = TrainingData([record], 16, center_crop=True)[(0, 0)]
     assert time_ids[:2].tolist() == [40, 20]  # original (height, width) as seen
 
 
@@ -258,7 +258,7 @@ def test_07_damaged_shards_are_named_skipped_in_part_and_counted(tmp_path, caplo
     )
     # A good shard's samples are read back exactly (pixels and caption).
     data = TrainingData(records, 24, center_crop=True)
-    pixels, _, caption, _ = data[(keys.index("e_cut_between.tar/000021"), 0)]
+    pixels, _, caption, _, _ = data[(keys.index("e_cut_between.tar/000021"), 0)]
     assert caption == "caption 21" and pixels[0].mean() > -1
 
 
@@ -516,7 +516,9 @@ def test_22_the_scan_index_rescans_only_changed_files(tmp_path, monkeypatch):
 
     scanned: list[str] = []
     real = training.scan._scan_image
-    monkeypatch.setattr(training.scan, "_scan_image", lambda p: scanned.append(p.name) or real(p))
+    monkeypatch.setattr(
+        training.scan, "_scan_image", lambda p, **kw: scanned.append(p.name) or real(p, **kw)
+    )
     assert scan(data, index, workers=1) == parallel and scanned == []  # unchanged: the index only
     Image.new("RGB", (80, 40)).save(data / "003.png")  # a new image under an old name
     (data / "005.txt").write_text("a new caption")

@@ -69,8 +69,8 @@ def test_signal_saves_and_resume_finishes(tiny_model, tmp_path, straight, monkey
     real_step = train_sdxl.train_step
     calls = {"n": 0}
 
-    def step_then_sigterm(tr, micro):
-        out = real_step(tr, micro)
+    def step_then_sigterm(tr, micro, reg):
+        out = real_step(tr, micro, reg)
         calls["n"] += 1
         if calls["n"] == 5:  # after the epoch boundary
             signal.raise_signal(signal.SIGTERM)

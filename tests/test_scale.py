@@ -107,7 +107,7 @@ def test_bucket_table_and_assignment(tmp_path):
     buckets = dict(zip([r.key for r in records], assign_buckets(records, 128)))
     assert buckets == {"square.png": (128, 128), "tall.png": (64, 192), "wide.png": (192, 64)}
     data = TrainingData(records, 128, center_crop=True, buckets=[buckets[r.key] for r in records])
-    pixels, time_ids, _, _ = data[([r.key for r in records].index("wide.png"), 0)]
+    pixels, time_ids, _, _, _ = data[([r.key for r in records].index("wide.png"), 0)]
     # 300 x 100 covers 192 x 64 at scale 0.64: resized to 192 x 64, nothing cropped.
     assert pixels.shape == (3, 64, 192)
     assert time_ids.tolist() == [100, 300, 0, 0, 64, 192]
@@ -121,7 +121,7 @@ def test_every_batch_comes_from_one_bucket(tmp_path):
     records = scan(tmp_path)
     data = TrainingData(records, 128, buckets=assign_buckets(records, 128))
     seen = []
-    for pixels, time_ids, _, ids in batches(data, batch_size=2, epoch=0):
+    for pixels, time_ids, _, ids, _ in batches(data, batch_size=2, epoch=0):
         assert len({tuple(t[4:].tolist()) for t in time_ids}) == 1
         assert pixels.shape[2:] == tuple(int(v) for v in time_ids[0, 4:])
         seen += ids.tolist()

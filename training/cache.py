@@ -70,6 +70,9 @@ class CachedLatents(TrainingData):
             data.caption_dropout,
             data.seed,
             data.targets,
+            data.captions,
+            data.masked,
+            data.first_id,
         )
         folder = cache_dir / "latents"
         folder.mkdir(parents=True, exist_ok=True)
@@ -79,25 +82,30 @@ class CachedLatents(TrainingData):
             # One crop / flip per image for the whole run, drawn from the seed and the image's index.
             g = torch.Generator().manual_seed(sample_seed(self.seed, -1 - i))
             try:
-                pixels, time_ids = super().image(i, g)
+                pixels, time_ids, mask = super().image(i, g)
             except UNREADABLE:
                 self.files.append(None)  # skipped, with a warning, when a batch asks for it
                 continue
+            # A masked run's entries also hold the mask (whose file is part of what they depend on).
+            mask_file = record.mask.read_bytes() if self.masked and record.mask else b""
             key = hashlib.sha256(
-                hashlib.sha256(content).digest()
+                hashlib.sha256(content + mask_file).digest()
                 + f"{LATENT_CACHE_VERSION}{self.targets[i]}{time_ids.tolist()}{vae_id}".encode()
+                + (b"masked" if self.masked else b"")
             ).hexdigest()[:32]
             path = folder / f"{key}.safetensors"
             if not path.is_file():
-                _write({"moments": vae.moments(pixels[None])[0], "time_ids": time_ids}, path)
+                entry = {"moments": vae.moments(pixels[None])[0], "time_ids": time_ids}
+                _write(entry | ({"mask": mask} if self.masked else {}), path)
             self.files.append(path)
 
-    def image(self, i: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def image(self, i: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         path = self.files[i]
         if path is None:
             raise OSError("the image could not be decoded when the latents were cached")
         entry = load_file(path)
-        return entry["moments"], entry["time_ids"]
+        ones = torch.ones(1, *entry["moments"].shape[1:])
+        return entry["moments"], entry["time_ids"], entry.get("mask", ones)
 
 
 class CachedText:
@@ -143,30 +151,28 @@ def moments_as_given(moments: torch.Tensor) -> torch.Tensor:
 
 def encoders(
     parts: SDXLParts,
-    data: TrainingData,
-    val_data: TrainingData,
+    sets: list[TrainingData | None],
     cache_latents: bool,
     cache_text: bool,
     cache_dir: Path,
     dist: Distributed,
     chunks: int = 1,
-) -> tuple[TrainingData, TrainingData, ImageEncoder, TextEncoder]:
+) -> tuple[list, ImageEncoder, TextEncoder]:
     """Decide once how a run encodes its batches: the VAE and text encoders on the fly, or cache
-    files written now (by the first process; the others then read them). Returns the training and
-    validation data (their items carry moments when latents are cached) and the two encoders.
+    files written now (by the first process; the others then read them). Returns the data sets
+    (their items carry moments when latents are cached; None stays None) and the two encoders.
     Captions are encoded in `chunks` chunks of 75 tokens."""
     encode_images: ImageEncoder = parts.vae.moments
     encode_text: TextEncoder = functools.partial(parts.text_encoder.encode, chunks=chunks)
     with dist.first_process_first():
         if cache_latents:
             vae_id = folder_identity(parts.vae_source)
-            data = CachedLatents(data, parts.vae, cache_dir, vae_id)
-            val_data = CachedLatents(val_data, parts.vae, cache_dir, vae_id)
+            sets = [d and CachedLatents(d, parts.vae, cache_dir, vae_id) for d in sets]
             encode_images = moments_as_given
         if cache_text:
             text_id = "".join(folder_identity(source) for source in parts.text_sources)
-            captions = [r.caption for r in data.records + val_data.records]
+            captions = [r.caption for d in sets if d is not None for r in d.records]
             encode_text = CachedText(
                 captions, parts.text_encoder, cache_dir, text_id, dist.device, chunks
             )
-    return data, val_data, encode_images, encode_text
+    return sets, encode_images, encode_text

@@ -131,7 +131,12 @@ def lora_file_metadata(
 ) -> dict[str, str]:
     """The metadata of the LoRA files written beside the checkpoints, but for their step and epoch:
     `sharing_metadata` from the run's configuration, and the counts of the captions' tags."""
-    tags = Counter(t.strip() for r in records for t in r.caption.split(",") if t.strip())
+    # kohya's ss_tag_frequency: per dataset folder (a "10_name" concept, or the data folder), how
+    # often each tag occurs in its captions.
+    frequency: dict[str, Counter] = {}
+    for r in records:
+        tags = [t.strip() for t in r.caption.split(",") if t.strip()]
+        frequency.setdefault(r.concept or Path(config["data_dir"]).name, Counter()).update(tags)
     return {
         **sharing_metadata(
             rank=config["lora_rank"],
@@ -142,7 +147,7 @@ def lora_file_metadata(
             epoch=0,
             learning_rate=config["learning_rate"],
             v_prediction=schedule.prediction_type == "v_prediction",
-            tag_frequency={Path(config["data_dir"]).name: dict(tags)},
+            tag_frequency={folder: dict(counts) for folder, counts in frequency.items()},
             title=Path(config["output_dir"]).name,
         ),
         "rank": str(config["lora_rank"]),

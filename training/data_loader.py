@@ -13,14 +13,17 @@ resumes mid-way, or is split over several processes.
 
 from __future__ import annotations
 
+import argparse
 import io
 import itertools
 import logging
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from training.distributed import Distributed
@@ -41,12 +44,25 @@ def record_bytes(record: Record) -> bytes:
         return f.read(record.length)
 
 
+def load_mask(record: Record) -> Image.Image | None:
+    """The record's loss mask as 8-bit grayscale (white: full weight), upright: its image's alpha
+    channel, else its name.mask.png; None if it has neither."""
+    with Image.open(io.BytesIO(record_bytes(record))) as file:
+        im = ImageOps.exif_transpose(file)
+        if "A" in im.getbands() or "transparency" in im.info:
+            return im.convert("RGBA").getchannel("A")
+    if record.mask is None:
+        return None
+    with Image.open(record.mask) as m:
+        return ImageOps.exif_transpose(m).convert("L")
+
+
 def load_image(record: Record) -> Image.Image:
     """The record's image, upright (its EXIF orientation applied) and in 8-bit RGB. A 16-bit
     grayscale image (mode I;16 or I) is scaled down to 8 bits, not clipped; an alpha channel is
     dropped (the stored colours are used, as kohya does)."""
-    with Image.open(io.BytesIO(record_bytes(record))) as im:
-        im = ImageOps.exif_transpose(im)
+    with Image.open(io.BytesIO(record_bytes(record))) as file:
+        im = ImageOps.exif_transpose(file)
         if im.mode.startswith("I") or im.mode == "F":
             values = np.asarray(im, dtype=np.float64)
             scale = 255 / 65535 if im.mode.startswith("I") else (255 if values.max() <= 1 else 1)
@@ -60,28 +76,38 @@ def prepare(
     center_crop: bool,
     random_flip: bool,
     g: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize to cover the target (`size`, or (width, height) for a bucket), crop it, maybe flip.
-    Returns the image (3, height, width) in [-1, 1] and SDXL's time ids (orig_h, orig_w, crop_top,
-    crop_left, target_h, target_w)."""
+    mask: Image.Image | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Resize to cover the target (`size`, or (width, height) for a bucket), crop it, maybe flip;
+    the mask, if given, goes through exactly the same. Returns the image (3, height, width) in
+    [-1, 1], SDXL's time ids (orig_h, orig_w, crop_top, crop_left, target_h, target_w), and the loss
+    mask on the latent grid (1, height / 8, width / 8) in [0, 1] (ones without a mask)."""
     tw, th = (size, size) if isinstance(size, int) else size
     orig_w, orig_h = image.size
     scale = max(tw / orig_w, th / orig_h)
     w, h = max(tw, round(orig_w * scale)), max(th, round(orig_h * scale))
     image = image.resize((w, h), Image.Resampling.BICUBIC)
+    mask = mask.resize((w, h), Image.Resampling.BILINEAR) if mask is not None else None
     if center_crop:
         top, left = (h - th) // 2, (w - tw) // 2
     else:
         top = int(torch.randint(0, h - th + 1, (1,), generator=g))
         left = int(torch.randint(0, w - tw + 1, (1,), generator=g))
     image = image.crop((left, top, left + tw, top + th))
+    mask = mask.crop((left, top, left + tw, top + th)) if mask is not None else None
     if random_flip and torch.rand(1, generator=g).item() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mask is not None else None
         left = w - left - tw  # the crop, mirrored, as seen in the flipped resized image
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(th, tw, 3)
     pixels = pixels.permute(2, 0, 1).float() / 127.5 - 1.0  # (3, th, tw) in [-1, 1]
     time_ids = torch.tensor([orig_h, orig_w, top, left, th, tw], dtype=torch.float32)
-    return pixels, time_ids
+    if mask is None:
+        weights = torch.ones(1, th // 8, tw // 8)
+    else:  # the mean of each 8 x 8 block of pixels: one weight per latent
+        m = torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).reshape(1, 1, th, tw)
+        weights = F.avg_pool2d(m.float() / 255, 8)[0]  # (1, th / 8, tw / 8)
+    return pixels, time_ids, weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,8 +136,43 @@ def assign_buckets(records: list[Record], image_size: int) -> list[tuple[int, in
     ]
 
 
-# (pixels (B, 3, H, W) or cached VAE moments (B, 8, h, w), time ids (B, 6), captions, sample ids (B,))
-Batch = tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]
+# (pixels (B, 3, H, W) or cached VAE moments (B, 8, h, w), time ids (B, 6), captions, sample ids
+# (B,), loss masks on the latent grid (B, 1, h, w))
+Batch = tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CaptionRules:
+    """kohya's caption options, applied to each sample with its own generator: the caption split into
+    tags at `separator`, the first `keep_tokens` left in place, each other tag dropped with
+    probability `tag_dropout`, and the rest shuffled."""
+
+    shuffle: bool = False
+    keep_tokens: int = 0
+    separator: str = ","
+    tag_dropout: float = 0.0
+
+    def apply(self, caption: str, g: torch.Generator) -> str:
+        if not (self.shuffle or self.tag_dropout):
+            return caption  # (and no random draws: the sample's other choices stay as they were)
+        tags = [t.strip() for t in caption.split(self.separator) if t.strip()]
+        kept, rest = tags[: self.keep_tokens], tags[self.keep_tokens :]
+        if self.tag_dropout:
+            keep = torch.rand(len(rest), generator=g) >= self.tag_dropout
+            rest = [t for t, k in zip(rest, keep.tolist()) if k]
+        if self.shuffle:
+            rest = [rest[i] for i in torch.randperm(len(rest), generator=g).tolist()]
+        joiner = ", " if self.separator == "," else self.separator
+        return joiner.join(kept + rest)
+
+
+PLAIN_CAPTIONS = CaptionRules()
+
+
+def with_repeats(records: list[Record]) -> list[Record]:
+    """Each record as many times as its folder repeats it (kohya's "10_name" folders): an epoch
+    sees it that often, each time with its own crop, flip and noise."""
+    return [r for r in records for _ in range(r.repeats)]
 
 
 def split_validation(records: list[Record], fraction: float, seed: int) -> tuple[list, list]:
@@ -147,10 +208,16 @@ class TrainingData(torch.utils.data.Dataset):
         caption_dropout: float = 0.0,
         seed: int = 0,
         buckets: list[tuple[int, int]] | None = None,
+        captions: CaptionRules = PLAIN_CAPTIONS,
+        masked: bool = False,
+        first_id: int = 0,
     ):
         self.records, self.size, self.seed = records, image_size, seed
         self.center_crop, self.random_flip = center_crop, random_flip
-        self.caption_dropout = caption_dropout
+        self.caption_dropout, self.captions, self.masked = caption_dropout, captions, masked
+        # Where its sample ids start: regularisation data starts far from the training data, so
+        # that their samples' seeds (and noise) differ.
+        self.first_id = first_id
         # Each record's (width, height) target: its bucket, or the square training size.
         self.targets = buckets or [(image_size, image_size)] * len(records)
         self.unreadable: set[str] = set()  # keys already warned about
@@ -158,9 +225,12 @@ class TrainingData(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, str, int]:
-        """A file that cannot be decoded (a truncated JPEG, say) is skipped with one warning and
-        the next record takes its place, so that a bad file found mid-run never ends the run."""
+    def __getitem__(
+        self, item: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor, str, int, torch.Tensor]:
+        """(image, time ids, caption, sample id, loss mask). A file that cannot be decoded (a
+        truncated JPEG, say) is skipped with one warning and the next record takes its place, so
+        that a bad file found mid-run never ends the run."""
         i, sample_id = item
         for j in itertools.islice(itertools.count(i), len(self.records)):
             j %= len(self.records)
@@ -168,8 +238,9 @@ class TrainingData(torch.utils.data.Dataset):
             # Caption dropout: the empty prompt, so the model also learns the unconditional branch
             # of classifier-free guidance. Drawn first, so it does not depend on the image.
             dropped = torch.rand(1, generator=g).item() < self.caption_dropout
+            caption = "" if dropped else self.captions.apply(self.records[j].caption, g)
             try:
-                image, time_ids = self.image(j, g)
+                image, time_ids, mask = self.image(j, g)
             except UNREADABLE as e:
                 if self.records[j].key not in self.unreadable:
                     self.unreadable.add(self.records[j].key)
@@ -177,14 +248,64 @@ class TrainingData(torch.utils.data.Dataset):
                         "skipping %s: %s (the next image takes its place)", self.records[j].key, e
                     )
                 continue
-            return image, time_ids, "" if dropped else self.records[j].caption, sample_id
+            return image, time_ids, caption, sample_id, mask
         raise DataError(f"none of the {len(self.records)} images can be decoded")
 
-    def image(self, i: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Record i's training input and time ids, with its random crop and flip drawn from g."""
+    def image(self, i: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Record i's training input, time ids and loss mask, with its random crop and flip drawn
+        from g (the mask is all ones unless the run trains with --masked_loss)."""
+        record = self.records[i]
+        mask = load_mask(record) if self.masked else None
         return prepare(
-            load_image(self.records[i]), self.targets[i], self.center_crop, self.random_flip, g
+            load_image(record), self.targets[i], self.center_crop, self.random_flip, g, mask
         )
+
+
+REGULARISATION_IDS = 2**40  # the first sample id of the regularisation data
+
+
+def datasets(
+    args: argparse.Namespace, train: list[Record], val: list[Record], reg: list[Record]
+) -> tuple[TrainingData, TrainingData, TrainingData | None]:
+    """The run's training, validation and regularisation data, shaped by train_sdxl.py's options:
+    repeats, buckets (each set its own), crops, flips, caption rules and dropout, loss masks. The
+    validation data is each record once, centre-cropped, as its captions say."""
+    rules = CaptionRules(
+        args.shuffle_caption,
+        args.keep_tokens,
+        args.caption_separator,
+        args.caption_tag_dropout_rate,
+    )
+
+    def shaped(records: list[Record], first_id: int = 0) -> TrainingData:
+        records = with_repeats(records)
+        buckets = assign_buckets(records, args.image_size) if args.bucket else None
+        augment = (args.center_crop, args.random_flip, args.caption_dropout)
+        size, seed, masked = args.image_size, args.seed, args.masked_loss
+        return TrainingData(records, size, *augment, seed, buckets, rules, masked, first_id)
+
+    val_data = TrainingData(val, args.image_size, True, seed=args.seed, masked=args.masked_loss)
+    return shaped(train), val_data, shaped(reg, REGULARISATION_IDS) if reg else None
+
+
+def paired_steps(
+    reg: TrainingData | None,
+    batch_size: int,
+    grad_accum: int,
+    step: int,
+    dist: Distributed,
+    workers: int,
+) -> Iterator[list[Batch]]:
+    """The regularisation micro-batches of each optimizer step from `step` on: one regularisation
+    step a training step, epoch after epoch of its own, so where it stands follows from the step
+    count (nothing more to save for a resume). No regularisation data: no micro-batches."""
+    if reg is None:
+        return itertools.repeat([])
+    per_epoch = steps_per_epoch(reg, batch_size, dist.world, grad_accum)
+    epoch, done = divmod(step, per_epoch)
+    position = done * batch_size * dist.world * grad_accum
+    steps = optimizer_steps(reg, batch_size, grad_accum, epoch, position, dist, workers)
+    return (micro for micro, _, _ in steps)
 
 
 def sample_seed(seed: int, sample_id: int) -> int:
@@ -230,7 +351,7 @@ def batches(
         chunks = [chunks[k] for k in perm.tolist()]
     sampler = [
         [
-            (order[p], epoch * len(order) + p)
+            (order[p], data.first_id + epoch * len(order) + p)
             for p in chunk[rank * batch_size : (rank + 1) * batch_size]
         ]
         for chunk in chunks[start // global_batch :]
@@ -290,6 +411,7 @@ def fixed_batches(data: TrainingData, batch_size: int) -> list[Batch]:
     ]
 
 
-def collate(items: list[tuple[torch.Tensor, torch.Tensor, str, int]]) -> Batch:
-    pixels, time_ids, captions, ids = zip(*items)
-    return torch.stack(pixels), torch.stack(time_ids), list(captions), torch.tensor(ids)
+def collate(items: list[tuple[torch.Tensor, torch.Tensor, str, int, torch.Tensor]]) -> Batch:
+    pixels, time_ids, captions, ids, masks = zip(*items)
+    stacked = torch.stack(pixels), torch.stack(time_ids)
+    return *stacked, list(captions), torch.tensor(ids), torch.stack(masks)

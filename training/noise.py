@@ -18,11 +18,13 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 _MASK32 = 0xFFFFFFFF
 
 # Streams: independent sequences per sample.
-POSTERIOR, TIMESTEP, NOISE, OFFSET = 0, 1, 2, 3
+POSTERIOR, TIMESTEP, NOISE, OFFSET, PERTURBATION = 0, 1, 2, 3, 4
+MULTIRES = 8  # multi-resolution noise uses MULTIRES + i for its level i (up to 8 levels)
 VALIDATION = 16  # validation uses VALIDATION + k for its k-th draw
 
 
@@ -83,6 +85,37 @@ def make_noise(offset: float) -> NoiseFn:
         return plain(seeds, shape) + offset * randn(seeds, OFFSET, (shape[1], 1, 1))
 
     return plain if offset == 0 else with_offset
+
+
+def multires_noise(base: NoiseFn, iterations: int, discount: float) -> NoiseFn:
+    """Multi-resolution ("pyramid") noise (Whitaker 2023, "Multi-Resolution Noise for Diffusion
+    Model Training"): Gaussian noise at 1/2, 1/4, ... of the latent size, upsampled and added with
+    weights discount^i, then scaled back to unit variance per sample. The paper draws each level's
+    scale between 2 and 4; here it is 2^i, so that the whole batch shares its shapes."""
+    if iterations == 0:
+        return base
+
+    def noise(seeds: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        n = base(seeds, shape)
+        h, w = shape[2], shape[3]
+        for i in range(1, min(iterations, 8) + 1):
+            size = (max(1, h >> i), max(1, w >> i))
+            low = randn(seeds, MULTIRES + i - 1, (shape[1], *size))
+            n = n + F.interpolate(low, size=(h, w), mode="bilinear") * discount**i
+            if size == (1, 1):
+                break
+        return n / n.std(dim=(1, 2, 3), keepdim=True)
+
+    return noise
+
+
+def input_perturbation(gamma: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The noise the UNet's input is made with: the target's noise plus gamma times fresh noise
+    (Ning et al. 2023, "Input Perturbation Reduces Exposure Bias in Diffusion Models"); the target
+    keeps the unperturbed noise. With gamma 0, the target's noise itself."""
+    if gamma == 0:
+        return lambda seeds, n: n
+    return lambda seeds, n: n + gamma * randn(seeds, PERTURBATION, n.shape[1:])
 
 
 def uniform_timesteps(num_train_timesteps: int) -> Callable[[torch.Tensor], torch.Tensor]:

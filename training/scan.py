@@ -3,8 +3,11 @@
 The scan runs before anything heavy is imported, so that a data folder with no usable pairs fails
 at once. It needs only the standard library and Pillow.
 
-- A folder: `name.jpg|jpeg|png|webp` with `name.txt` beside it. Subfolders are not read. Two images
-  that share a name stem (`a.png`, `a.jpg`) share its caption; a caption without an image is ignored.
+- A folder: `name.jpg|jpeg|png|webp` with `name.txt` beside it (`--caption_extension` changes the
+  `.txt`), in the folder and its subfolders (hidden ones aside). A subfolder named `10_name` repeats
+  its images 10 times an epoch, as kohya's do; its name is the images' concept (for the tag counts).
+  Two images that share a name stem (`a.png`, `a.jpg`) share its caption; a caption without an image
+  is ignored. `name.mask.png` beside an image is its loss mask (--masked_loss), not an image.
 - Shards: `*.tar` files as the webdataset package writes them: the members of one sample share the
   path before the first dot of the file name (`000123.png`, `000123.txt`). A shard that is empty,
   not a tar file, cut short inside a member or missing its end-of-archive marker is named in a
@@ -23,15 +26,17 @@ files are scanned again. Files are scanned in parallel worker processes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import logging
 import os
+import re
 import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image
@@ -42,7 +47,9 @@ from sdxl.files import write_json
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+MASK_SUFFIX = ".mask.png"
+_REPEATS = re.compile(r"(\d+)_(.+)")  # kohya's "10_name" folders
 _ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
@@ -60,6 +67,9 @@ class Record:
     offset: int = -1  # where the image's bytes start inside the shard (-1: a plain file)
     length: int = 0
     size: tuple[int, int] = (0, 0)  # (width, height) with the EXIF orientation applied
+    repeats: int = 1  # times an epoch (a "10_name" folder's 10)
+    concept: str = ""  # the top folder it came from, for the tag counts
+    mask: Path | None = None  # its name.mask.png, if there is one
 
 
 def image_size(data: bytes | Path) -> tuple[int, int]:
@@ -92,9 +102,9 @@ def _stamp(path: Path) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _scan_image(path: Path) -> dict:
+def _scan_image(path: Path, caption_extension: str = ".txt") -> dict:
     """One image of a folder: its size and caption, or why it is skipped."""
-    caption_file = path.with_suffix(".txt")
+    caption_file = path.with_suffix(caption_extension)
     if not caption_file.is_file():
         return {"skip": f"skipping {path}: no caption file {caption_file.name}"}
     try:
@@ -185,14 +195,26 @@ def check_data_dir(data_dir: str | Path) -> None:
         raise DataError(
             f"data folder {folder} does not exist; pass --data_dir FOLDER of image + .txt pairs or .tar shards"
         )
-    if not any(p.suffix.lower() in (*IMAGE_EXTENSIONS, ".tar") for p in folder.iterdir()):
+    if next(iter(_candidates(folder)), None) is None and not any(folder.glob("*.tar")):
         raise DataError(
             f"no usable image + caption pairs in {folder}: expected name.jpg|jpeg|png|webp with name.txt, or .tar shards"
         )
 
 
+def _candidates(folder: Path):
+    """The folder's image files, in it and its subfolders (not hidden ones), masks aside."""
+    for path in folder.rglob("*"):
+        hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
+        image = path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.endswith(MASK_SUFFIX)
+        if image and not hidden and path.is_file():
+            yield path
+
+
 def scan(
-    data_dir: str | Path, index_dir: Path | None = None, workers: int | None = None
+    data_dir: str | Path,
+    index_dir: Path | None = None,
+    workers: int | None = None,
+    caption_extension: str = ".txt",
 ) -> list[Record]:
     """Every usable (image, caption) pair, sorted by key, with a summary line printed. With
     `index_dir`, results are reused from (and saved to) the index there."""
@@ -200,15 +222,22 @@ def scan(
     folder = Path(data_dir)
     start = time.perf_counter()
     shards = sorted(folder.glob("*.tar"))
-    sources = shards or sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    index_path = _index_path(folder, index_dir)
+    sources = shards or sorted(_candidates(folder))
+    names = {p: p.relative_to(folder).as_posix() for p in sources}
+    index_path = _index_path(folder, index_dir, caption_extension)
     old = _read_index(index_path)
-    stamps = {p.name: _stamp(p) + (_caption_stamp(p) if not shards else []) for p in sources}
-    todo = [p for p in sources if old.get(p.name, {}).get("stamp") != stamps[p.name]]
-    scanned = dict(
-        zip([p.name for p in todo], _map(_scan_shard if shards else _scan_image, todo, workers))
+    stamps = {
+        names[p]: _stamp(p) + ([] if shards else _side_stamps(p, caption_extension))
+        for p in sources
+    }
+    todo = [p for p in sources if old.get(names[p], {}).get("stamp") != stamps[names[p]]]
+    scan_one = (
+        _scan_shard
+        if shards
+        else functools.partial(_scan_image, caption_extension=caption_extension)
     )
-    entries = {p.name: scanned.get(p.name) or old[p.name] for p in sources}
+    scanned = dict(zip([names[p] for p in todo], _map(scan_one, todo, workers)))
+    entries = {names[p]: scanned.get(names[p]) or old[names[p]] for p in sources}
     for name, entry in entries.items():
         entry["stamp"] = stamps[name]
     if index_path is not None and todo:
@@ -220,7 +249,7 @@ def scan(
 
     records, skipped, lost, damaged = [], 0, 0, 0
     for path in sources:
-        entry = entries[path.name]
+        entry = entries[names[path]]
         for warning in entry.get("warnings", []) + ([entry["skip"]] if "skip" in entry else []):
             log.warning(warning)
         if shards:
@@ -234,7 +263,12 @@ def scan(
         elif "skip" in entry:
             skipped += 1
         else:
-            records.append(Record(path.name, entry["caption"], path, size=tuple(entry["size"])))
+            top = names[path].split("/")[0] if "/" in names[path] else ""
+            repeats = int(m[1]) if (m := _REPEATS.fullmatch(top)) else 1
+            mask = path.with_name(path.stem + MASK_SUFFIX)
+            w, h = entry["size"]
+            record = Record(names[path], entry["caption"], path, -1, 0, (w, h), repeats, top)
+            records.append(replace(record, mask=mask) if mask.is_file() else record)
     kind = f"{len(shards)} WebDataset shards" if shards else "an image folder"
     lost_text = f"; {damaged} damaged shards, at least {lost} samples lost" if damaged else ""
     print(
@@ -249,9 +283,10 @@ def scan(
     return sorted(records, key=lambda r: r.key)
 
 
-def _caption_stamp(image: Path) -> list[int]:
-    caption = image.with_suffix(".txt")
-    return _stamp(caption) if caption.is_file() else [-1, -1]
+def _side_stamps(image: Path, caption_extension: str) -> list[int]:
+    """The stamps of the files beside an image that the scan reads: its caption and its mask."""
+    side = [image.with_suffix(caption_extension), image.with_name(image.stem + MASK_SUFFIX)]
+    return [n for p in side for n in (_stamp(p) if p.is_file() else [-1, -1])]
 
 
 def _map(fn, paths: list[Path], workers: int | None) -> list[dict]:
@@ -263,10 +298,11 @@ def _map(fn, paths: list[Path], workers: int | None) -> list[dict]:
         return list(pool.map(fn, paths, chunksize=max(1, min(256, len(paths) // (4 * workers)))))
 
 
-def _index_path(folder: Path, index_dir: Path | None) -> Path | None:
+def _index_path(folder: Path, index_dir: Path | None, caption_extension: str) -> Path | None:
     if index_dir is None:
         return None
-    digest = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    key = f"{folder.resolve()}|{caption_extension}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return index_dir / f"{folder.resolve().name}-{digest}.json"
 
 

@@ -35,8 +35,8 @@ from training.cache import ImageEncoder, TextEncoder
 from training.data_loader import Batch, sample_seed
 from training.distributed import Distributed
 from training.ema import EMA
+from training.optimizers import build_optimizer
 from training.precision_util import Precision
-from training.train_util import lr_lambda
 
 
 class TrainingError(UserError):
@@ -76,10 +76,13 @@ class Trainer:
     encode_images: ImageEncoder
     encode_text: TextEncoder
     loss_weight: Callable[[torch.Tensor], torch.Tensor]  # per-sample weights of timesteps t
+    elementwise_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (pred, target)
     make_noise: noise.NoiseFn
+    perturb: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (seeds, noise) -> input noise
     sample_timesteps: Callable[[torch.Tensor], torch.Tensor]
     seed: int
     max_grad_norm: float
+    prior_loss_weight: float  # of the regularisation images' loss
     no_sync: Callable[[], contextlib.AbstractContextManager]  # DDP: skip the gradient sync
 
 
@@ -107,10 +110,11 @@ def build_trainer(
     unet.to(memory_format=torch.channels_last)  # the layout fast convolution kernels want
     trained = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
     params = [p for _, p in trained]
-    optimizer = torch.optim.AdamW(
-        params, lr=args.learning_rate, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
-    )
+    optimizer, lr_scheduler = build_optimizer(params, args, max_steps)
     schedule = parts.schedule.to(dist.device)  # its table beside the UNet: no copy per step
+    base_noise = noise.make_noise(args.noise_offset)
+    snr_weight = min_snr_weight(schedule, args.snr_gamma)
+    debias = debiased_weight(schedule) if args.debiased_estimation_loss else None
     model = dist.wrap(unet)
     return Trainer(
         unet=unet,
@@ -121,18 +125,21 @@ def build_trainer(
         device=dist.device,
         params=params,
         optimizer=optimizer,
-        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(args.lr_scheduler, args.lr_warmup_steps, max_steps)
-        ),
+        lr_scheduler=lr_scheduler,
         scaler=precision.grad_scaler(),
         ema=EMA(trained, args.ema_decay) if args.use_ema else None,
         encode_images=encode_images,
         encode_text=encode_text,
-        loss_weight=min_snr_weight(schedule, args.snr_gamma),
-        make_noise=noise.make_noise(args.noise_offset),
+        loss_weight=snr_weight if debias is None else lambda t: snr_weight(t) * debias(t),
+        elementwise_loss=elementwise_loss(args.loss_type, args.huber_c),
+        make_noise=noise.multires_noise(
+            base_noise, args.multires_noise_iterations, args.multires_noise_discount
+        ),
+        perturb=noise.input_perturbation(args.ip_noise_gamma),
         sample_timesteps=noise.uniform_timesteps(schedule.num_train_timesteps),
         seed=args.seed,
         max_grad_norm=args.max_grad_norm,
+        prior_loss_weight=args.prior_loss_weight,
         no_sync=getattr(model, "no_sync", contextlib.nullcontext),
     )
 
@@ -154,24 +161,51 @@ def min_snr_weight(
     return weight
 
 
+def debiased_weight(schedule: NoiseSchedule) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Debiased estimation loss weights, 1 / sqrt(SNR) with SNR capped at 1000 (Yu et al. 2024,
+    "Debias the Training of Diffusion Models"; the cap as kohya's)."""
+    return lambda t: 1 / schedule.snr(t).clamp(min=1e-12, max=1000) ** 0.5
+
+
+def elementwise_loss(
+    kind: str, huber_c: float
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss at each latent element: l2 (squared error); huber, 2c (sqrt(d^2 + c^2) - c), the
+    pseudo-Huber loss, robust to outliers (Charbonnier et al. 1997; as kohya's --loss_type); and
+    smooth_l1, the same divided by c."""
+    if kind == "l2":
+        return lambda pred, target: F.mse_loss(pred, target, reduction="none")
+    scale = 2 * huber_c if kind == "huber" else 2.0
+    return lambda pred, target: scale * (torch.sqrt((pred - target) ** 2 + huber_c**2) - huber_c)
+
+
 # ---------------------------------------------------------------------------------------------
 # One step
 # ---------------------------------------------------------------------------------------------
 
 # One micro-batch on the device: VAE moments (B, 8, h, w), context (B, 77, 2048), pooled (B, 1280),
-# time ids (B, 6), per-sample seeds (B,).
-StepInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# time ids (B, 6), per-sample seeds (B,), loss masks (B, 1, h, w).
+StepInputs = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]
 
 
 def prepare(tr: Trainer, batch: Batch) -> StepInputs:
     """The host side of a micro-batch: encode (or read the caches) and move it to the device. Each
     sample's seed comes from the run's seed and its sample id, so its random draws do not depend on
     the batching."""
-    images, time_ids, captions, ids = batch
+    images, time_ids, captions, ids, masks = batch
     moments = tr.encode_images(images.to(tr.device))
     context, pooled = tr.encode_text(captions)
     seeds = torch.tensor([sample_seed(tr.seed, int(i)) for i in ids], dtype=torch.int64)
-    return moments, context, pooled, time_ids.to(tr.device), seeds.to(tr.device)
+    return (
+        moments,
+        context,
+        pooled,
+        time_ids.to(tr.device),
+        seeds.to(tr.device),
+        masks.to(tr.device),
+    )
 
 
 def diffusion_loss(
@@ -183,9 +217,13 @@ def diffusion_loss(
     time_ids: torch.Tensor,
     t: torch.Tensor,
     noise: torch.Tensor,
+    input_noise: torch.Tensor,
+    mask: torch.Tensor,
 ) -> torch.Tensor:
-    """Per-sample weighted MSE between the UNet's prediction and the target at timesteps t."""
-    noisy = tr.schedule.add_noise(latents, noise, t)
+    """Per-sample loss between the UNet's prediction and the target at timesteps t: the element-wise
+    loss, times the mask (B, 1, h, w), averaged, times the timestep's weight. The UNet sees the
+    latents noised with `input_noise`, the target is built from `noise`."""
+    noisy = tr.schedule.add_noise(latents, input_noise, t)
     dt = tr.precision.compute_dtype
     with tr.precision.autocast():
         pred = model(
@@ -195,19 +233,20 @@ def diffusion_loss(
             {"text_embeds": pooled.to(dt), "time_ids": time_ids.to(dt)},
         )
     target = tr.schedule.target(latents, noise, t)
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return per_sample * tr.loss_weight(t)
+    per_element = tr.elementwise_loss(pred.float(), target.float()) * mask
+    return per_element.mean(dim=(1, 2, 3)) * tr.loss_weight(t)
 
 
 def micro_batch_loss(tr: Trainer, inputs: StepInputs) -> torch.Tensor:
     """The mean loss of one micro-batch, with each sample's posterior sample, timestep and noise
     drawn from its own seed."""
-    moments, context, pooled, time_ids, seeds = inputs
+    moments, context, pooled, time_ids, seeds, mask = inputs
     eps = noise.randn(seeds, noise.POSTERIOR, (moments.shape[1] // 2, *moments.shape[2:]))
     latents = tr.vae.sample(moments, eps)
     t = tr.sample_timesteps(seeds)
     n = tr.make_noise(seeds, latents.shape)
-    return diffusion_loss(tr, tr.model, latents, context, pooled, time_ids, t, n).mean()
+    n_in = tr.perturb(seeds, n)
+    return diffusion_loss(tr, tr.model, latents, context, pooled, time_ids, t, n, n_in, mask).mean()
 
 
 def optimizer_update(tr: Trainer) -> torch.Tensor:
@@ -224,18 +263,29 @@ def optimizer_update(tr: Trainer) -> torch.Tensor:
     return grad_norm
 
 
-def train_step(tr: Trainer, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over `grad_accum` micro-batches. Returns (loss, gradient norm) as device
-    tensors: reading them is the caller's one sync with the device."""
-    total = torch.zeros((), device=tr.device)
-    for i, batch in enumerate(micro_batches):
-        # With data parallelism, gradients are averaged across processes on the last micro-batch only.
-        sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else tr.no_sync()
+def train_step(
+    tr: Trainer, micro_batches: list[Batch], reg_batches: list[Batch]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step over `grad_accum` micro-batches, each paired with a regularisation
+    micro-batch when there are regularisation images (DreamBooth's prior preservation: the loss is
+    the training loss plus --prior_loss_weight times theirs). Returns (training loss,
+    regularisation loss, gradient norm) as device tensors: reading them is the caller's one sync
+    with the device."""
+    total, reg_total = torch.zeros((), device=tr.device), torch.zeros((), device=tr.device)
+    # Each forward is followed by its backward (data parallelism allows no other order); with it,
+    # gradients are averaged across processes on the step's last backward only.
+    parts = [(batch, 1.0) for batch in micro_batches]
+    parts += [(batch, tr.prior_loss_weight) for batch in reg_batches]
+    for i, (batch, weight) in enumerate(parts):
+        sync = contextlib.nullcontext() if i == len(parts) - 1 else tr.no_sync()
         with sync:
             loss = micro_batch_loss(tr, prepare(tr, batch)) / len(micro_batches)
-            tr.scaler.scale(loss).backward()
-        total += loss.detach()
-    return total, optimizer_update(tr)
+            tr.scaler.scale(loss * weight).backward()
+        if i < len(micro_batches):
+            total += loss.detach()
+        else:
+            reg_total += loss.detach()
+    return total, reg_total, optimizer_update(tr)
 
 
 @torch.no_grad()
@@ -247,13 +297,13 @@ def validate(
     UNet (no data-parallel sync)."""
     losses = []
     for batch in batches:
-        moments, context, pooled, time_ids, seeds = prepare(tr, batch)
+        moments, context, pooled, time_ids, seeds, mask = prepare(tr, batch)
         shape = (moments.shape[1] // 2, *moments.shape[2:])
         latents = tr.vae.sample(moments, noise.randn(seeds, noise.VALIDATION, shape))
         for k, step in enumerate(timesteps):
             t = torch.full((latents.shape[0],), step, device=tr.device, dtype=torch.long)
             n = noise.randn(seeds, noise.VALIDATION + 1 + k, shape)
-            loss = diffusion_loss(tr, tr.unet, latents, context, pooled, time_ids, t, n)
+            loss = diffusion_loss(tr, tr.unet, latents, context, pooled, time_ids, t, n, n, mask)
             losses.append(loss.mean())
     return float(torch.stack(losses).mean()) if losses else 0.0
 

@@ -1,0 +1,131 @@
+"""The optimizers `--optimizer` chooses, each with the learning-rate schedule it runs under.
+
+One function per optimizer, one entry in OPTIMIZERS. `--optimizer_args key=value ...` are passed on
+as keyword arguments (values read as Python literals: 0.9, True, (0.9, 0.99); anything else a
+string). The packages beyond torch and transformers are optional: `uv sync --extra optimizers`.
+
+- adamw: torch's AdamW (the default), with --adam_epsilon and --adam_weight_decay.
+- adamw8bit: bitsandbytes' 8-bit AdamW (Dettmers et al. 2022): optimizer state in 8 bits, a
+  quarter of the memory; CUDA only.
+- adafactor: transformers' Adafactor (Shazeer and Stern 2018) in its relative-step form: it sets
+  its own step size (pass relative_step=False to use --learning_rate and the LR schedule).
+- prodigy: Prodigy (Mishchenko and Defazio 2023), which estimates the step size itself: use
+  --learning_rate 1 (its recommended setting, with --optimizer_args d_coef=1 decouple=True
+  use_bias_correction=True safeguard_warmup=True; safeguard_warmup with --lr_warmup_steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+from collections.abc import Callable
+
+import torch
+
+from sdxl.errors import UserError
+from training.train_util import lr_lambda
+
+Schedule = torch.optim.lr_scheduler.LRScheduler
+
+
+def optimizer_kwargs(pairs: list[str]) -> dict[str, object]:
+    """`--optimizer_args key=value ...` as keyword arguments."""
+    kwargs: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise UserError(f"--optimizer_args {pair!r} is not key=value (e.g. betas=(0.9,0.99))")
+        try:
+            kwargs[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            kwargs[key] = text
+    return kwargs
+
+
+def _lambda_schedule(
+    optimizer: torch.optim.Optimizer, args: argparse.Namespace, max_steps: int
+) -> Schedule:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(args.lr_scheduler, args.lr_warmup_steps, max_steps)
+    )
+
+
+def adamw(params, args, kwargs, max_steps):
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=args.learning_rate,
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        **kwargs,
+    )
+    return optimizer, _lambda_schedule(optimizer, args, max_steps)
+
+
+def adamw8bit(params, args, kwargs, max_steps):
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserError(
+            "--optimizer adamw8bit needs bitsandbytes: uv sync --extra optimizers"
+        ) from None
+    if not all(p.is_cuda for p in params):
+        raise UserError(
+            "--optimizer adamw8bit (bitsandbytes) runs on CUDA GPUs only; use adamw here"
+        )
+    optimizer = bnb.optim.AdamW8bit(
+        params,
+        lr=args.learning_rate,
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        **kwargs,
+    )
+    return optimizer, _lambda_schedule(optimizer, args, max_steps)
+
+
+def adafactor(params, args, kwargs, max_steps):
+    from transformers.optimization import Adafactor, AdafactorSchedule
+
+    relative = kwargs.pop("relative_step", True)
+    kwargs = {"scale_parameter": True, "warmup_init": False, **kwargs}
+    optimizer = Adafactor(
+        params,
+        lr=None if relative else args.learning_rate,
+        relative_step=relative,
+        weight_decay=args.adam_weight_decay,
+        **kwargs,
+    )
+    if relative:  # its own step size: the schedule only reports it
+        return optimizer, AdafactorSchedule(optimizer)
+    return optimizer, _lambda_schedule(optimizer, args, max_steps)
+
+
+def prodigy(params, args, kwargs, max_steps):
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise UserError(
+            "--optimizer prodigy needs prodigyopt: uv sync --extra optimizers"
+        ) from None
+    optimizer = Prodigy(
+        params, lr=args.learning_rate, weight_decay=args.adam_weight_decay, **kwargs
+    )
+    return optimizer, _lambda_schedule(optimizer, args, max_steps)
+
+
+OPTIMIZERS: dict[str, Callable] = {
+    "adamw": adamw,
+    "adamw8bit": adamw8bit,
+    "adafactor": adafactor,
+    "prodigy": prodigy,
+}
+
+
+def build_optimizer(
+    params: list[torch.nn.Parameter], args: argparse.Namespace, max_steps: int
+) -> tuple[torch.optim.Optimizer, Schedule]:
+    """The optimizer `args.optimizer` names over `params`, and its learning-rate schedule."""
+    kwargs = optimizer_kwargs(args.optimizer_args)
+    try:
+        return OPTIMIZERS[args.optimizer](params, args, kwargs, max_steps)
+    except TypeError as e:  # an --optimizer_args key the optimizer does not take
+        raise UserError(f"--optimizer {args.optimizer}: {e}") from None
