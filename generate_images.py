@@ -1,4 +1,5 @@
-"""Generate a COCO-style image dataset with SDXL and a LoRA.
+"""Generate an image dataset with SDXL and LoRAs: a folder of files or WebDataset shards, with a
+COCO captions index, from one process or many.
 
     uv run python generate_images.py --lora-checkpoint outputs/tiny/lora_step000030_*.pt \\
         --pretrained-model tiny --prompt "a red circle on a white background" --num-images 4 --image-size 64
@@ -7,24 +8,32 @@
         --prompt-file captions.txt --num-images 100 --batch-size 4 --image-size 512 \\
         --output-dir ./generated_dataset
 
-Writes 00000.png, 00000.txt (the prompt) and 00000.json (prompt, negative prompt, seed, steps, guidance,
-sampler, size, base model, LoRA file and scale) per image, numbered from 00000; image i uses seed
---seed + i. Re-running the same command continues after the last finished image and never overwrites
-one; a folder that holds images made with other settings (prompts, seed, size, model, LoRA, ...) is
-refused, unless --overwrite deletes them first. The folder is directly a training dataset for
-train_sdxl.py.
+    torchrun --nproc_per_node 8 generate_images.py --prompt-file prompts.jsonl --images-per-prompt 4 \\
+        --lora-checkpoint style.safetensors:0.8 --lora-checkpoint subject.pt:0.5 \\
+        --output-format webdataset --shard-size 1000 --image-format jpg --output-dir ./synthetic
+
+Image i uses seed --seed + i (or its prompt row's seed), so it is the same whatever the batch size or
+the number of processes. Folder output: 00000.png, 00000.txt (the prompt) and 00000.json (how it was
+made) per image; WebDataset output: shard-000000.tar, ... holding key.png, key.txt and key.json. Either
+way annotations/ gets the index (a COCO captions file, or the shards' keys), and the output is directly
+a training dataset for train_sdxl.py. Under torchrun, each process makes its share (every
+world-th image, or shard), the first one writes the folder's files. Re-running, after a crash or a
+kill -9 and with any number of processes, finishes exactly the missing images (an unfinished shard
+is made again); a folder that holds images made with other settings is refused, unless --overwrite
+deletes them first.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import random
 import time
 from pathlib import Path
 
-from sampling.prompts import read_prompt_file
+from sampling.prompts import plan_images, read_rows
 from sdxl.errors import UserError, run_cli
 from sdxl.options import (
     AT_LEAST_0,
@@ -57,16 +66,46 @@ def parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
+def loras(args: argparse.Namespace) -> list[tuple[Path, float]]:
+    """The --lora-checkpoint FILE[:SCALE] flags as (file, scale)."""
+    out = []
+    for spec in args.lora_checkpoint:
+        path, _, scale = spec.rpartition(":")
+        try:
+            out.append((Path(path), float(scale)) if path else (Path(spec), args.lora_scale))
+        except ValueError:  # a colon that is part of the name
+            out.append((Path(spec), args.lora_scale))
+    return out
+
+
+def plan(args: argparse.Namespace) -> list[dict]:
+    """Every image of the run: its index, prompt, negative prompt, seed and size."""
     if args.prompt_file:
-        prompts = read_prompt_file(args.prompt_file)
+        rows = read_rows(args.prompt_file)
     elif args.prompt:
-        prompts = [args.prompt]
+        rows = [{"prompt": args.prompt}]
     else:
         raise UserError("give --prompt TEXT or --prompt-file FILE")
     if args.shuffle_prompts:
-        random.Random(args.seed).shuffle(prompts)
-    return prompts
+        random.Random(args.seed).shuffle(rows)
+    size = parse_size(args.image_size)
+    return plan_images(
+        rows, args.num_images, args.images_per_prompt, args.seed, size, args.negative_prompt
+    )
+
+
+def prompts_identity(args: argparse.Namespace) -> str:
+    """A hash of what decides each image's prompt, seed and size (not how many images there are:
+    asking for more extends the same sequence)."""
+    source = Path(args.prompt_file).read_bytes() if args.prompt_file else args.prompt.encode()
+    rules = [
+        args.shuffle_prompts,
+        args.seed,
+        args.images_per_prompt,
+        args.image_size,
+        args.negative_prompt,
+    ]
+    return hashlib.sha256(source + json.dumps(rules).encode()).hexdigest()
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -75,18 +114,22 @@ def check_args(args: argparse.Namespace) -> None:
         args,
         {
             "num_images": AT_LEAST_1,
+            "images_per_prompt": AT_LEAST_1,
             "batch_size": AT_LEAST_1,
             "steps": (lambda v: 1 <= v <= 1000, "between 1 and 1000"),
             "guidance_scale": AT_LEAST_0,
             "lora_scale": (lambda v: True, "a number"),
             "guidance_rescale": FRACTION,
+            "shard_size": AT_LEAST_1,
+            "quality": (lambda v: 1 <= v <= 100, "between 1 and 100"),
+            "writers": AT_LEAST_0,
         },
         hyphens=True,
     )
-    parse_size(args.image_size)
-    read_prompts(args)
+    plan(args)
     check_device(args.device, "--device")
-    check_file(args.lora_checkpoint, "LoRA file")
+    for path, _ in loras(args):
+        check_file(path, "LoRA file")
     check_model(args.pretrained_model, "--pretrained-model")
     check_folder(args.vae, "--vae")
     check_output_dir(args.output_dir, "--output-dir")
@@ -98,15 +141,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--lora-checkpoint",
-        default=None,
-        help="a training checkpoint (.pt) or a LoRA .safetensors (ours, diffusers or kohya format)",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="a training checkpoint (.pt) or a LoRA .safetensors (ours, diffusers or kohya format), "
+        "with its strength after a colon (default --lora-scale); repeat for several LoRAs",
     )
-    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA update")
+    p.add_argument(
+        "--lora-scale", type=float, default=1.0, help="strength of a LoRA given no scale"
+    )
     p.add_argument("--prompt", default=None, help="one prompt for every image")
     p.add_argument(
         "--prompt-file",
         default=None,
-        help="a text file, one prompt a line (blank lines and # comments skipped); prompts cycle",
+        help="prompts: .txt (one a line, # comments), .jsonl or .csv (per row: prompt, and "
+        "optionally negative_prompt, seed, num_images, width, height; other columns go into each "
+        "image's JSON)",
+    )
+    p.add_argument(
+        "--images-per-prompt", type=int, default=1, help="images of each prompt (a row may say)"
     )
     p.add_argument(
         "--shuffle-prompts",
@@ -118,7 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="negative prompt (default: none, i.e. SDXL's zero embedding)",
     )
-    p.add_argument("--num-images", type=int, default=1, help="how many images")
+    p.add_argument(
+        "--num-images",
+        type=int,
+        default=None,
+        help="how many images (default: each prompt's); the prompts are cut or cycled to this",
+    )
     p.add_argument("--batch-size", type=int, default=1, help="images per UNet batch")
     p.add_argument(
         "--image-size", default="1024", help="512, or WIDTHxHEIGHT such as 768x512 (multiples of 8)"
@@ -153,6 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--output-dir", default="./generated_dataset", help="where the images go")
     p.add_argument(
+        "--output-format",
+        default="folder",
+        choices=["folder", "webdataset"],
+        help="files in the folder, or WebDataset tar shards (shard-000000.tar, ...)",
+    )
+    p.add_argument("--shard-size", type=int, default=1000, help="images per WebDataset shard")
+    p.add_argument("--image-format", default="png", choices=["png", "jpg", "webp"], help="format")
+    p.add_argument("--quality", type=int, default=95, help="JPEG / WebP quality")
+    p.add_argument(
+        "--writers", type=int, default=2, help="threads that encode and write images (0: none)"
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
         help="delete images already in --output-dir that were made with other settings",
@@ -183,159 +253,175 @@ if __name__ == "__main__":
 import torch
 from tqdm import tqdm
 
-from sampling.inference import Pipeline, apply_lora, generate_unique_batch, to_pil
+from sampling.inference import Pipeline, apply_lora, generate_unique_batch
+from sampling.outputs import FolderWriter, ShardWriter, write_index
 from sdxl.diffusion import NoiseSchedule
-from sdxl.files import FolderLock, atomic_write, make_folder, remove_stale_tmp, write_json
+from sdxl.files import FolderLock, make_folder, remove_stale_tmp, write_json
+from sdxl.lora_formats import model_name
 from sdxl.pretrained import config_folder, load_sdxl, resolve_model
 from sdxl.unet import UNet2DConditionModel, config_from_diffusers
 from training.checkpoint import read_lora_weights, recorded_base_model
-from training.precision_util import resolve_device, resolve_precision
+from training.distributed import init_distributed
+from training.precision_util import resolve_precision
 
 
 def check_lora_fits(lora: Path, model_folder: Path) -> None:
-    """Attach the LoRA to a UNet built on the meta device: a file for another architecture fails
+    """Put the LoRA into a UNet built on the meta device: a file for another architecture fails
     here, before any weights are loaded."""
     config = json.loads((config_folder(model_folder) / "unet" / "config.json").read_text())
     with torch.device("meta"):
         unet = UNet2DConditionModel(config_from_diffusers(config))
-    apply_lora(unet, read_lora_weights(lora, unet), merge=False)
+    apply_lora(unet, read_lora_weights(lora, unet))
 
 
 def claim_output_dir(out: Path, settings: dict, overwrite: bool) -> None:
     """A folder holds images of one set of settings. Images made with other settings (or of
-    unknown settings) are refused, or deleted first with --overwrite; the same settings continue."""
-    images = sorted(out.glob("[0-9][0-9][0-9][0-9][0-9].png"))
+    unknown settings) are refused, or deleted first with --overwrite; the same settings continue
+    (with more images, too)."""
+    made = [p for p in out.iterdir() if p.name[:5].isdigit() or p.name.startswith("shard-")]
     config = out / "generation_config.json"
     before = json.loads(config.read_text()).get("image_settings", {}) if config.is_file() else {}
     differ = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
-    if not (images or config.is_file()) or not differ:
+    if not (made or config.is_file()) or not differ:
         return
     if not overwrite:
         what = ", ".join(differ) if before else "unknown settings (no generation_config.json)"
         raise UserError(
-            f"--output-dir {out} holds {len(images)} images made with other settings ({what}); "
+            f"--output-dir {out} holds {len(made)} files made with other settings ({what}); "
             "choose another folder, or pass --overwrite to delete them first"
         )
     for path in [
         config,
-        *(p for i in images for p in (i, i.with_suffix(".txt"), i.with_suffix(".json"))),
+        out / "annotations" / "captions.json",
+        out / "annotations" / "index.json",
+        *made,
     ]:
         path.unlink(missing_ok=True)
 
 
-def save_image(pixels: torch.Tensor, path: Path) -> None:
-    with atomic_write(
-        path
-    ) as tmp:  # the .png appears last: its presence means the image is finished
-        to_pil(pixels).save(tmp, format="PNG")
-
-
 def main(args: argparse.Namespace) -> Path:
-    # -- input checks, before any model is loaded ---------------------------------------------
+    # -- the images to make, the model, the output folder: checked before any model is loaded ---
     check_args(args)  # again, for callers that skip the command line
-    width, height = parse_size(args.image_size)
-    prompts = read_prompts(args)
-    lora = Path(args.lora_checkpoint) if args.lora_checkpoint else None
-    base = args.pretrained_model or (recorded_base_model(lora) if lora else None) or DEFAULT_MODEL
-    device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
+    jobs = plan(args)
+    adapters = loras(args)
+    first = adapters[0][0] if adapters else None
+    base = args.pretrained_model or (recorded_base_model(first) if first else None) or DEFAULT_MODEL
+    dist = init_distributed(args.device)
+    precision = resolve_precision(args.precision, dist.device)
     model_folder = resolve_model(base, half=precision.unet_dtype != torch.float32)
-    if lora is not None:
+    for lora, _ in adapters:
         check_lora_fits(lora, model_folder)
     schedule_flags = (args.prediction_type, args.zero_terminal_snr)  # None: as the config says
-    schedule = NoiseSchedule.from_config(
-        config_folder(model_folder) / "scheduler" / "scheduler_config.json", *schedule_flags
-    )
+    config_file = config_folder(model_folder) / "scheduler" / "scheduler_config.json"
+    schedule = NoiseSchedule.from_config(config_file, *schedule_flags)
     v_prediction = schedule.prediction_type == "v_prediction"
     rescale = args.guidance_rescale if args.guidance_rescale is not None else 0.7 * v_prediction
-    # Everything that decides the pixels of image i (its prompt is prompts[i % len(prompts)]).
+    # Everything that decides the pixels of image i, besides its own row in `jobs`.
     settings = {
-        "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
-        "negative_prompt": args.negative_prompt,
-        "seed": args.seed,
+        "prompts_sha256": prompts_identity(args),
         "steps": args.steps,
         "guidance_scale": args.guidance_scale,
+        "guidance_rescale": rescale,
         "sampler": args.sampler,
         "prediction_type": schedule.prediction_type,
         "zero_terminal_snr": bool(schedule.alphas_cumprod[-1] == 0),
-        "guidance_rescale": rescale,
-        "width": width,
-        "height": height,
         "base_model": str(model_folder.resolve()),
         "vae": str(Path(args.vae).resolve()) if args.vae else None,
-        "lora": str(lora.resolve()) if lora else None,
-        "lora_scale": args.lora_scale,
+        "loras": [[str(path.resolve()), scale] for path, scale in adapters],
         "precision": precision.name,
+        "output": [
+            args.output_format,
+            args.image_format,
+            args.shard_size if args.output_format == "webdataset" else None,
+        ],
     }
-
     out = make_folder(args.output_dir, "--output-dir")
-    lock = FolderLock(out, "--output-dir").acquire()
-    remove_stale_tmp(out)
-    claim_output_dir(out, settings, args.overwrite)
-    todo = [i for i in range(args.num_images) if not (out / f"{i:05d}.png").exists()]
-    write_json({**vars(args), "image_settings": settings}, out / "generation_config.json")
-    if not todo:
-        lock.release()
-        print(f"all {args.num_images} images already in {out}")
-        return out
-
-    # -- models --------------------------------------------------------------------------------
-    parts = load_sdxl(model_folder, precision.unet_dtype, device, None, args.vae, *schedule_flags)
-    if lora is not None:
-        apply_lora(parts.unet, read_lora_weights(lora, parts.unet), args.lora_scale)
-    parts.unet.to(memory_format=torch.channels_last)
-    pipe = Pipeline(
-        parts.unet, parts.text_encoder, parts.vae, parts.schedule, device, precision.compute_dtype
+    lock = None
+    with dist.first_process_first():  # the first process claims the folder, then the others start
+        if dist.main:
+            lock = FolderLock(out, "--output-dir").acquire()
+            remove_stale_tmp(out)
+            claim_output_dir(out, settings, args.overwrite)
+            write_json({**vars(args), "image_settings": settings}, out / "generation_config.json")
+    shards = args.output_format == "webdataset"
+    writers = args.writers
+    writer = (
+        ShardWriter(out, args.shard_size, len(jobs), args.image_format, args.quality, writers)
+        if shards
+        else FolderWriter(out, args.image_format, args.quality, writers)
     )
+    # This process's share: every world-th image (or, for shards, every world-th shard).
+    unit = (lambda i: i // args.shard_size) if shards else (lambda i: i)
+    todo = [
+        j
+        for j in jobs
+        if unit(j["index"]) % dist.world == dist.rank and not writer.done(j["index"])
+    ]
 
-    # -- generation ----------------------------------------------------------------------------
-    start, done = time.perf_counter(), 0
-    bar = tqdm(
-        total=args.num_images,
-        initial=args.num_images - len(todo),
-        desc="generate",
-        dynamic_ncols=True,
-    )
-    for b in range(0, len(todo), args.batch_size):
-        indices = todo[b : b + args.batch_size]
-        batch_prompts = [prompts[i % len(prompts)] for i in indices]  # prompts cycle
-        seeds = [args.seed + i for i in indices]
-        images = generate_unique_batch(
-            pipe,
-            batch_prompts,
-            seeds,
-            height,
-            width,
-            args.steps,
-            args.guidance_scale,
-            args.negative_prompt,
-            args.sampler,
-            rescale,
+    # -- models ----------------------------------------------------------------------------------
+    if todo:
+        parts = load_sdxl(
+            model_folder, precision.unet_dtype, dist.device, None, args.vae, *schedule_flags
         )
-        for i, prompt, seed, image in zip(indices, batch_prompts, seeds, images):
-            meta = {
-                "prompt": prompt,
-                "negative_prompt": args.negative_prompt,
-                "seed": seed,
-                "steps": args.steps,
-                "guidance_scale": args.guidance_scale,
-                "sampler": args.sampler,
-                "width": width,
-                "height": height,
-                "base_model": settings["base_model"],
-                "lora": settings["lora"],
-                "lora_scale": args.lora_scale,
-            }
-            with atomic_write(out / f"{i:05d}.txt") as tmp:
-                tmp.write_text(prompt + "\n")
-            write_json(meta, out / f"{i:05d}.json")
-            save_image(image, out / f"{i:05d}.png")
-        done += len(indices)
-        bar.update(len(indices))
+        for lora, scale in adapters:  # each merged into the weights, one after the other
+            apply_lora(parts.unet, read_lora_weights(lora, parts.unet), scale)
+        parts.unet.to(memory_format=torch.channels_last)
+        pipe = Pipeline(
+            parts.unet,
+            parts.text_encoder,
+            parts.vae,
+            parts.schedule,
+            dist.device,
+            precision.compute_dtype,
+        )
+
+    # -- generation: batches of images that share a size and a negative prompt ------------------
+    start = time.perf_counter()
+    bar = tqdm(total=len(todo), desc="generate", dynamic_ncols=True, disable=not dist.main)
+    groups = itertools.groupby(todo, key=lambda j: (j["width"], j["height"], j["negative_prompt"]))
+    for (width, height, negative), members in groups:
+        group = list(members)
+        for batch in (
+            group[b : b + args.batch_size] for b in range(0, len(group), args.batch_size)
+        ):
+            prompts, seeds = [j["prompt"] for j in batch], [j["seed"] for j in batch]
+            images = generate_unique_batch(
+                pipe,
+                prompts,
+                seeds,
+                height,
+                width,
+                args.steps,
+                args.guidance_scale,
+                negative,
+                args.sampler,
+                rescale,
+            )
+            for job, image in zip(batch, images):
+                meta = {
+                    **{k: v for k, v in job.items() if k != "extra"},
+                    **job["extra"],
+                    "steps": args.steps,
+                    "guidance_scale": args.guidance_scale,
+                    "guidance_rescale": rescale,
+                    "sampler": args.sampler,
+                    "base_model": model_name(base),
+                    "loras": [[path.name, scale] for path, scale in adapters],
+                }
+                writer.submit(job["index"], image, job["prompt"], meta)
+            bar.update(len(batch))
+    writer.close()
     bar.close()
-    lock.release()
     elapsed = time.perf_counter() - start
-    print(f"{done} images in {elapsed:.1f} s: {done / elapsed:.2f} images/s -> {out}")
+    dist.barrier()  # every process's images are written: the first indexes them all
+    if lock is not None:
+        index = write_index(out, len(jobs), args.image_format, args.shard_size if shards else None)
+        print(
+            f"{len(todo)} images in {elapsed:.1f} s: {len(todo) / max(elapsed, 1e-9):.2f} images/s "
+            f"({dist.world} processes) -> {out}; index {index}"
+        )
+        lock.release()
+    dist.close()
     return out
 
 

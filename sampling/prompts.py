@@ -1,7 +1,11 @@
-"""Prompt files, read before anything heavy is imported (so that an empty one fails at once)."""
+"""Prompt files and the images a generation run makes of them, worked out before anything heavy is
+imported (so that a bad file fails at once)."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from pathlib import Path
 
 from sdxl.errors import UserError
@@ -23,3 +27,82 @@ def read_prompt_file(path: str | Path) -> list[str]:
             f"prompt file {path} has no prompts (one prompt a line; # starts a comment)"
         )
     return prompts
+
+
+# ---------------------------------------------------------------------------------------------
+# What a dataset run generates: one job per image
+# ---------------------------------------------------------------------------------------------
+
+ROW_KEYS = ("prompt", "negative_prompt", "seed", "num_images", "width", "height")
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """A prompt file's rows: .txt (one prompt a line, `#` comments), .jsonl (one JSON object a line)
+    or .csv (a header row), each row with `prompt` and optionally `negative_prompt`, `seed`,
+    `num_images`, `width`, `height`, and any other columns, which go into each image's JSON."""
+    path = Path(path)
+    if path.suffix not in (".jsonl", ".csv"):
+        return [{"prompt": p} for p in read_prompt_file(path)]
+    if not path.is_file():
+        raise UserError(f"prompt file {path} does not exist")
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = [dict(r) for r in csv.DictReader(io.StringIO(text))]
+    except (ValueError, csv.Error) as e:
+        raise UserError(f"prompt file {path} is not valid {path.suffix[1:]}: {e}") from None
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not str(row.get("prompt") or "").strip():
+            raise UserError(f"prompt file {path}, row {n}: no prompt")
+        for key in ("seed", "num_images", "width", "height"):
+            if row.get(key) not in (None, ""):
+                try:
+                    row[key] = int(row[key])
+                except (TypeError, ValueError):
+                    raise UserError(
+                        f"prompt file {path}, row {n}: {key} {row[key]!r} is not a whole number"
+                    ) from None
+            else:
+                row.pop(key, None)
+        if any(row.get(k, 8) % 8 or row.get(k, 8) <= 0 for k in ("width", "height")):
+            raise UserError(
+                f"prompt file {path}, row {n}: width and height must be positive multiples of 8"
+            )
+    if not rows:
+        raise UserError(f"prompt file {path} has no rows")
+    return rows
+
+
+def plan_images(
+    rows: list[dict],
+    num_images: int | None,
+    images_per_prompt: int,
+    seed: int,
+    size: tuple[int, int],
+    negative_prompt: str | None,
+) -> list[dict]:
+    """Every image of the run, in order: row r gives its `num_images` (else `images_per_prompt`)
+    images; with `num_images` the list is cut to that length, or cycled to reach it. Image i uses
+    seed + i, unless its row gives a seed (then the row's seed + j for its j-th image); so image i
+    is the same whatever the batch size or the number of processes."""
+    expanded = [(row, j) for row in rows for j in range(row.get("num_images", images_per_prompt))]
+    if not expanded:
+        raise UserError("the prompts give no images (num_images 0 everywhere)")
+    jobs = []
+    for i in range(num_images if num_images is not None else len(expanded)):
+        row, j = expanded[i % len(expanded)]
+        extra = {k: v for k, v in row.items() if k not in ROW_KEYS}
+        jobs.append(
+            {
+                "index": i,
+                "prompt": str(row["prompt"]).strip(),
+                "negative_prompt": row.get("negative_prompt", negative_prompt),
+                "seed": row["seed"] + j if "seed" in row else seed + i,
+                "width": row.get("width", size[0]),
+                "height": row.get("height", size[1]),
+                "extra": extra,
+            }
+        )
+    return jobs

@@ -49,6 +49,11 @@ class Distributed:
         if self.world > 1 and self.main:
             dist.barrier()
 
+    def barrier(self) -> None:
+        """Wait until every process gets here."""
+        if self.world > 1:
+            dist.barrier()
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """The model the forward runs: DDP averages the gradients of the processes."""
         if self.world == 1:
