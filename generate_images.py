@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
 import json
 import random
 import time
 from pathlib import Path
 
-from sampling.prompts import plan_images, read_rows
+from sampling.prompts import plan_batches, plan_images, read_rows
 from sdxl.errors import UserError, run_cli
 from sdxl.options import (
     AT_LEAST_0,
@@ -350,12 +349,14 @@ def main(args: argparse.Namespace) -> Path:
         if shards
         else FolderWriter(out, args.image_format, args.quality, writers)
     )
-    # This process's share: every world-th image (or, for shards, every world-th shard).
-    unit = (lambda i: i // args.shard_size) if shards else (lambda i: i)
+    # This process's share: every world-th batch (for shards, every world-th shard), unless written.
+    batches = plan_batches(jobs, args.batch_size, args.shard_size if shards else None)
+    share = (lambda k, b: b[0]["index"] // args.shard_size) if shards else (lambda k, b: k)
     todo = [
-        j
-        for j in jobs
-        if unit(j["index"]) % dist.world == dist.rank and not writer.done(j["index"])
+        batch
+        for k, batch in enumerate(batches)
+        if share(k, batch) % dist.world == dist.rank
+        and not all(writer.done(j["index"]) for j in batch)
     ]
 
     # -- models ----------------------------------------------------------------------------------
@@ -375,41 +376,38 @@ def main(args: argparse.Namespace) -> Path:
             precision.compute_dtype,
         )
 
-    # -- generation: batches of images that share a size and a negative prompt ------------------
+    # -- generation: the share's batches, each image written unless it already is ----------------
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), desc="generate", dynamic_ncols=True, disable=not dist.main)
-    groups = itertools.groupby(todo, key=lambda j: (j["width"], j["height"], j["negative_prompt"]))
-    for (width, height, negative), members in groups:
-        group = list(members)
-        for batch in (
-            group[b : b + args.batch_size] for b in range(0, len(group), args.batch_size)
-        ):
-            prompts, seeds = [j["prompt"] for j in batch], [j["seed"] for j in batch]
-            images = generate_unique_batch(
-                pipe,
-                prompts,
-                seeds,
-                height,
-                width,
-                args.steps,
-                args.guidance_scale,
-                negative,
-                args.sampler,
-                rescale,
-            )
-            for job, image in zip(batch, images):
-                meta = {
-                    **{k: v for k, v in job.items() if k != "extra"},
-                    **job["extra"],
-                    "steps": args.steps,
-                    "guidance_scale": args.guidance_scale,
-                    "guidance_rescale": rescale,
-                    "sampler": args.sampler,
-                    "base_model": model_name(base),
-                    "loras": [[path.name, scale] for path, scale in adapters],
-                }
-                writer.submit(job["index"], image, job["prompt"], meta)
-            bar.update(len(batch))
+    total = sum(len(batch) for batch in todo)
+    bar = tqdm(total=total, desc="generate", dynamic_ncols=True, disable=not dist.main)
+    for batch in todo:
+        images = generate_unique_batch(
+            pipe,
+            [j["prompt"] for j in batch],
+            [j["seed"] for j in batch],
+            batch[0]["height"],
+            batch[0]["width"],
+            args.steps,
+            args.guidance_scale,
+            batch[0]["negative_prompt"],
+            args.sampler,
+            rescale,
+        )
+        for job, image in zip(batch, images):
+            if writer.done(job["index"]):  # made by a run that stopped in this batch
+                continue
+            meta = {
+                **{k: v for k, v in job.items() if k != "extra"},
+                **job["extra"],
+                "steps": args.steps,
+                "guidance_scale": args.guidance_scale,
+                "guidance_rescale": rescale,
+                "sampler": args.sampler,
+                "base_model": model_name(base),
+                "loras": [[path.name, scale] for path, scale in adapters],
+            }
+            writer.submit(job["index"], image, job["prompt"], meta)
+        bar.update(len(batch))
     writer.close()
     bar.close()
     elapsed = time.perf_counter() - start
@@ -417,7 +415,7 @@ def main(args: argparse.Namespace) -> Path:
     if lock is not None:
         index = write_index(out, len(jobs), args.image_format, args.shard_size if shards else None)
         print(
-            f"{len(todo)} images in {elapsed:.1f} s: {len(todo) / max(elapsed, 1e-9):.2f} images/s "
+            f"{total} images in {elapsed:.1f} s: {total / max(elapsed, 1e-9):.2f} images/s "
             f"({dist.world} processes) -> {out}; index {index}"
         )
         lock.release()

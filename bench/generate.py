@@ -6,15 +6,24 @@ size and batch. Each side runs in its own process, alternating A B A B; prints i
 
     uv run python bench/generate.py --model tiny --image_size 64 --steps 10 --batch_size 4
     uv run python bench/generate.py --model mid --image_size 256 --steps 10 --batch_size 2
+
+With --writer_pool it times generate_images.py itself instead, the whole loop with its files, with
+the writer pool (--writers 2) and without it (--writers 0), alternating, and prints images/s and
+the ratio: how much of the encoding and writing the pool hides behind the UNet.
+
+    uv run python bench/generate.py --writer_pool --model tiny --image_size 64 --num_images 64
+    uv run python bench/generate.py --writer_pool --model /path/to/sdxl --image_size 1024 --num_images 64
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -117,6 +126,32 @@ def main(args: argparse.Namespace) -> None:
     )
 
 
+def writer_pool(args: argparse.Namespace) -> None:
+    """generate_images.py with and without its writer pool, each run in its own process."""
+    model = str(mid_sdxl()) if args.model == "mid" else args.model
+    rates: dict[int, list[float]] = {0: [], 2: []}
+    for _ in range(args.rounds):
+        for writers in rates:
+            with tempfile.TemporaryDirectory() as out:
+                cmd = [sys.executable, str(ROOT / "generate_images.py"), "--pretrained-model"]
+                cmd += [model, "--prompt", "a photo of an object", "--output-dir", out]
+                cmd += ["--image-size", str(args.image_size), "--steps", str(args.steps)]
+                cmd += ["--batch-size", str(args.batch_size), "--writers", str(writers)]
+                cmd += ["--num-images", str(args.num_images)]
+                printed = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                found = re.search(r"([0-9.]+) images/s", printed)
+                assert found, printed
+                rates[writers].append(float(found.group(1)))
+    without, with_pool = (statistics.median(rates[w]) for w in (0, 2))
+    print(
+        f"generate_images.py, model {args.model}, {args.image_size}px, {args.num_images} PNGs, "
+        f"Euler {args.steps} steps, batch {args.batch_size}"
+    )
+    print(f"without the writer pool (--writers 0) {without:8.3f} images/s")
+    print(f"with it (--writers 2)                 {with_pool:8.3f} images/s")
+    print(f"ratio with / without                  {with_pool / without:8.3f}")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -127,6 +162,12 @@ if __name__ == "__main__":
     p.add_argument("--batch_size", type=int, default=4, help="images per batch")
     p.add_argument("--repeats", type=int, default=3, help="timed batches per process")
     p.add_argument("--rounds", type=int, default=2, help="A B rounds")
+    p.add_argument(
+        "--writer_pool",
+        action="store_true",
+        help="time generate_images.py with and without its writer pool instead",
+    )
+    p.add_argument("--num_images", type=int, default=64, help="images per run (--writer_pool)")
     p.add_argument("--side", choices=["ours", "ref"], help=argparse.SUPPRESS)
     a = p.parse_args()
-    child(a) if a.side else main(a)
+    writer_pool(a) if a.writer_pool else child(a) if a.side else main(a)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -106,3 +107,20 @@ def plan_images(
             }
         )
     return jobs
+
+
+def plan_batches(jobs: list[dict], batch_size: int, shard_size: int | None) -> list[list[dict]]:
+    """The run's UNet batches: runs of consecutive images that share a size and a negative prompt
+    (and, for shards, a shard), cut every `batch_size`. An image's last bits depend on which images
+    share its batch, so the batches are fixed here, by the image indices, before the processes share
+    them out: image i is then the same whatever the number of processes or where a run stopped."""
+
+    def key(job: dict) -> tuple:
+        shard = job["index"] // shard_size if shard_size else 0
+        return job["width"], job["height"], job["negative_prompt"], shard
+
+    batches = []
+    for _, members in itertools.groupby(jobs, key):
+        group = list(members)
+        batches += [group[b : b + batch_size] for b in range(0, len(group), batch_size)]
+    return batches

@@ -107,20 +107,23 @@ class LoRALinearWrapper(nn.Module):
         self.lora = LoRALinear(
             base.in_features, base.out_features, rank, alpha, dropout, device=base.weight.device
         )
-        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
-        return out if self.merged else out + self.lora(x)
+        return F.linear(x, self.weight, self.bias) + self.lora(x)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into the base weight (for inference: one matmul instead of three)."""
-        if not self.merged:
-            self.weight.copy_(
-                (self.weight.float() + self.lora.delta_weight()).to(self.weight.dtype)
-            )
-            self.merged = True
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear whose weight has the update folded in (for inference: one matmul
+        instead of three, and room for another LoRA)."""
+        linear = nn.Linear(
+            self.in_features, self.out_features, self.bias is not None, device="meta"
+        )
+        linear.weight = nn.Parameter(
+            (self.weight.float() + self.lora.delta_weight()).to(self.weight.dtype),
+            requires_grad=False,
+        )
+        linear.bias = self.bias
+        return linear
 
 
 def _is_target(name: str, target_mode: str) -> bool:
@@ -196,5 +199,7 @@ def load_lora_state_dict(unet: nn.Module, state_dict: dict[str, torch.Tensor]) -
 
 
 def merge_lora(unet: nn.Module) -> None:
-    for _, wrapper in lora_modules(unet):
-        wrapper.merge()
+    """Fold every adapter into its base weight: the UNet is plain again, with the LoRA's effect."""
+    for name, wrapper in list(lora_modules(unet)):
+        parent, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent), child, wrapper.merged())
