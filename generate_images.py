@@ -256,21 +256,19 @@ from sampling.inference import Pipeline, apply_lora, generate_unique_batch
 from sampling.outputs import FolderWriter, ShardWriter, write_index
 from sdxl.diffusion import NoiseSchedule
 from sdxl.files import FolderLock, make_folder, remove_stale_tmp, write_json
+from sdxl.lora import components
 from sdxl.lora_formats import model_name
-from sdxl.pretrained import config_folder, load_sdxl, resolve_model
-from sdxl.unet import UNet2DConditionModel, config_from_diffusers
+from sdxl.pretrained import config_folder, load_sdxl, meta_models, resolve_model
 from training.checkpoint import read_lora_weights, recorded_base_model
 from training.distributed import init_distributed
 from training.precision_util import resolve_precision
 
 
 def check_lora_fits(lora: Path, model_folder: Path) -> None:
-    """Put the LoRA into a UNet built on the meta device: a file for another architecture fails
-    here, before any weights are loaded."""
-    config = json.loads((config_folder(model_folder) / "unet" / "config.json").read_text())
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(config_from_diffusers(config))
-    apply_lora(unet, read_lora_weights(lora, unet))
+    """Merge the LoRA into the models built on the meta device: a file for another architecture
+    fails here, before any weights are loaded."""
+    models = meta_models(model_folder)
+    apply_lora(models, read_lora_weights(lora, models["unet"]))
 
 
 def claim_output_dir(out: Path, settings: dict, overwrite: bool) -> None:
@@ -365,7 +363,8 @@ def main(args: argparse.Namespace) -> Path:
             model_folder, precision.unet_dtype, dist.device, None, args.vae, *schedule_flags
         )
         for lora, scale in adapters:  # each merged into the weights, one after the other
-            apply_lora(parts.unet, read_lora_weights(lora, parts.unet), scale)
+            models = components(parts.unet, parts.text_encoder)
+            apply_lora(models, read_lora_weights(lora, parts.unet), scale)
         parts.unet.to(memory_format=torch.channels_last)
         pipe = Pipeline(
             parts.unet,

@@ -32,6 +32,7 @@ from sdxl.options import (
     AT_LEAST_0,
     AT_LEAST_1,
     BELOW_1,
+    BLOCKS,
     DEFAULT_MODEL,
     FRACTION,
     LORA_FORMATS,
@@ -47,6 +48,7 @@ from sdxl.options import (
     check_model,
     check_numbers,
     check_output_dir,
+    comma_separated,
     parse_with_config,
 )
 from training.scan import check_data_dir
@@ -109,6 +111,7 @@ def check_args(args: argparse.Namespace) -> None:
             "--shuffle_caption and --caption_tag_dropout_rate change captions every epoch, which "
             "cached text embeddings would freeze; drop --cache_text_embeddings or them"
         )
+    check_adapter_args(args)
     if args.reg_data_dir is not None:
         check_data_dir(args.reg_data_dir)
     if args.bucket and args.image_size < 64:
@@ -124,6 +127,43 @@ def check_args(args: argparse.Namespace) -> None:
     check_output_dir(args.output_dir, "--output_dir")
     if args.cache_dir is not None:
         check_output_dir(args.cache_dir, "--cache_dir")
+
+
+def check_adapter_args(args: argparse.Namespace) -> None:
+    """The adapter flags: each needs --use_lora, and their values fit together."""
+    check_numbers(args, {"conv_rank": AT_LEAST_0, "conv_alpha": POSITIVE})
+    adapter_flags = {
+        "--use_dora": args.use_dora,
+        "--conv_rank": args.conv_rank,
+        "--block_dims": args.block_dims,
+        "--train_text_encoder": args.train_text_encoder,
+    }
+    for name, value in adapter_flags.items():
+        if value and not args.use_lora:
+            raise UserError(f"{name} is an adapter option; add --use_lora")
+    if args.train_text_encoder and args.cache_text_embeddings:
+        raise UserError(
+            "--train_text_encoder changes the text embeddings as it trains, so they cannot be "
+            "cached; drop --cache_text_embeddings"
+        )
+    if args.text_encoder_lr is not None and not args.train_text_encoder:
+        raise UserError("--text_encoder_lr needs --train_text_encoder")
+    if args.text_encoder_lr is not None and not (
+        1 <= len(args.text_encoder_lr) <= 2 and all(lr > 0 for lr in args.text_encoder_lr)
+    ):
+        raise UserError(
+            "--text_encoder_lr takes one positive learning rate for both text encoders, or two "
+            f"(CLIP-L, then bigG), got {args.text_encoder_lr}"
+        )
+    for name, values in (("--block_dims", args.block_dims), ("--block_alphas", args.block_alphas)):
+        if values is not None and (len(values) != BLOCKS or min(values) < 0):
+            raise UserError(
+                f"{name} takes {BLOCKS} comma-separated values of 0 or more (kohya's SDXL blocks: "
+                f"embeddings, input_blocks 0-8, middle_block 0-2, output_blocks 0-8, out), "
+                f"got {len(values)}"
+            )
+    if args.block_alphas is not None and args.block_dims is None:
+        raise UserError("--block_alphas needs --block_dims")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,6 +350,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="which Linear layers get adapters",
     )
     g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapter input")
+    g.add_argument(
+        "--use_dora",
+        action="store_true",
+        help="DoRA adapters (a trained magnitude per output channel, Liu et al. 2024) "
+        "instead of plain LoRA",
+    )
+    g.add_argument(
+        "--conv_rank",
+        type=int,
+        default=0,
+        help="also adapt the ResNet blocks and samplers (kohya's conv_dim): this rank on their 3x3 "
+        "convolutions, --lora_rank on their 1x1 shortcut and time projection (0: off)",
+    )
+    g.add_argument(
+        "--conv_alpha",
+        type=float,
+        default=None,
+        help="alpha of the 3x3 convolution adapters (kohya's conv_alpha; default --conv_rank)",
+    )
+    g.add_argument(
+        "--block_dims",
+        type=comma_separated(int),
+        default=None,
+        help=f"{BLOCKS} comma-separated ranks, one per kohya SDXL block (embeddings, input_blocks "
+        "0-8, middle_block 0-2, output_blocks 0-8, out), in place of --lora_rank; 0 leaves a block "
+        "out",
+    )
+    g.add_argument(
+        "--block_alphas",
+        type=comma_separated(float),
+        default=None,
+        help=f"{BLOCKS} comma-separated alphas to go with --block_dims (default: the ranks)",
+    )
+    g.add_argument(
+        "--train_text_encoder",
+        action="store_true",
+        help="LoRA on both text encoders too (their attention and MLP layers)",
+    )
+    g.add_argument(
+        "--text_encoder_lr",
+        type=float,
+        nargs="+",
+        default=None,
+        help="learning rate of the text encoders' adapters: one for both, or CLIP-L's then "
+        "bigG's (default --learning_rate)",
+    )
     g = p.add_argument_group("optimization")
     g.add_argument("--batch_size", type=int, default=1, help="images per step per process")
     g.add_argument(
@@ -530,8 +616,10 @@ def main(args: argparse.Namespace) -> Path:
     # -- models, encoders (or caches), optimizer, and a resumed run's state ----------------------
     torch.manual_seed(args.seed)
     schedule = (args.prediction_type, args.zero_terminal_snr)  # None: as the model's config says
+    # Text encoders that train are stored as the UNet is (bf16 on CUDA); frozen ones in fp16.
+    text_dtype = precision.unet_dtype if args.train_text_encoder else precision.text_dtype
     parts = load_sdxl(
-        model_folder, precision.unet_dtype, dist.device, precision.text_dtype, args.vae, *schedule
+        model_folder, precision.unet_dtype, dist.device, text_dtype, args.vae, *schedule
     )
     share = lora_file_metadata(config, records, parts.schedule) if args.use_lora else {}
     cached = (args.cache_latents, args.cache_text_embeddings)

@@ -19,8 +19,7 @@ from PIL import Image
 
 from sampling.samplers import SAMPLERS, ModelFn, randn
 from sdxl.diffusion import NoiseSchedule
-from sdxl.lora import merge_lora
-from sdxl.lora_formats import LoRAModules, attach_lora
+from sdxl.lora import Adapter, LoRAModules, attach_lora, merge_lora
 from sdxl.text_encoders import SDXLTextEncoder
 from sdxl.unet import UNet2DConditionModel
 from sdxl.vae import SDXLVAE
@@ -132,18 +131,19 @@ def image_grid(images: torch.Tensor) -> Image.Image:
 
 
 def apply_lora(
-    unet: UNet2DConditionModel,
+    models: dict[str, torch.nn.Module],
     weights: LoRAModules | dict[str, torch.Tensor],
-    scale: float = 1.0,
-    merge: bool = True,
+    strength: float = 1.0,
 ) -> None:
-    """Put a LoRA into the UNet, merged for speed (one matmul per layer instead of three); `weights`
-    as training/checkpoint.py's `read_lora_weights` returns them: adapters, or for a full fine-tune
+    """Merge a LoRA into the models it adapts (`models` as sdxl/lora.py's `components` gives them),
+    at `strength`: one matmul per layer instead of three, and room for the next LoRA. `weights` as
+    training/checkpoint.py's `read_lora_weights` returns them: adapters, or for a full fine-tune
     the whole UNet's state dict."""
-    if all(isinstance(v, tuple) for v in weights.values()):
-        attach_lora(unet, weights, scale)  # type: ignore[arg-type]
-        if merge:
-            merge_lora(unet)
+    if all(isinstance(v, Adapter) for v in weights.values()):
+        attach_lora(models, weights)  # type: ignore[arg-type]
+        for model in models.values():
+            merge_lora(model, strength)
     else:  # a full fine-tune: the whole UNet
+        unet = models["unet"]
         dtype = next(unet.parameters()).dtype
         unet.load_state_dict({k: v.to(dtype) for k, v in weights.items()})  # type: ignore[union-attr]

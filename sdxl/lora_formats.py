@@ -1,27 +1,33 @@
-"""LoRA files other programs load, and loading theirs into our UNet.
+"""LoRA files other programs load, and loading theirs into our models.
 
-Every format goes through one plain representation, keyed by the diffusers module path:
+Every format goes through one plain representation, `LoRAModules` (sdxl/lora.py): an `Adapter`
+(down, up, alpha, and for DoRA the magnitude) per layer, keyed by component and module path:
 
-    {"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (down, up, alpha), ...}
+    {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": Adapter(...),
+     "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": Adapter(...), ...}
 
-with down (rank x in), up (out x rank) and the update scale alpha / rank. The file layouts:
+The file layouts:
 
-- native: our state dict, `<path>.lora.down.weight` / `<path>.lora.up.weight`; rank, alpha and target
-  mode in the safetensors metadata.
-- diffusers / peft: `unet.<path>.lora_A.weight` / `.lora_B.weight`, with the peft LoraConfig (r,
-  lora_alpha, target_modules) in the `lora_adapter_metadata` header that `load_lora_weights` reads.
-  Reading also accepts the older `.lora.down.weight` / `.lora.up.weight` names; without metadata
-  alpha = rank, as diffusers assumes.
-- kohya (ComfyUI, AUTOMATIC1111, Forge): `lora_unet_<original SDXL path, dots as _>.lora_down.weight`,
-  `.lora_up.weight` and a scalar `.alpha`, with the original `input_blocks` / `middle_block` /
-  `output_blocks` names. Reading also accepts kohya keys built from diffusers block names.
+- native: our state dict, `<key>.lora.down.weight`, `.lora.up.weight`, `.lora.alpha`, and for DoRA
+  `.lora.magnitude`. Older files have UNet keys without `unet.` and one alpha in the metadata.
+- diffusers / peft: `<key>.lora_A.weight` / `.lora_B.weight` (and `.lora_magnitude_vector`, peft's
+  DoRA magnitude: (out,) for a Linear, (1, out, 1, 1) for a Conv2d), with each component's peft
+  LoraConfig (r, lora_alpha, target_modules, rank and alpha patterns, use_dora) in the
+  `lora_adapter_metadata` header that `load_lora_weights` reads; without it alpha = rank, as
+  diffusers assumes. Reading also accepts diffusers' older `.lora.down.weight` / `.lora.up.weight`
+  names (without the header they read as native files, the same thing).
+- kohya (ComfyUI, AUTOMATIC1111, Forge): `lora_unet_<original SDXL path, dots as _>`,
+  `lora_te1_<CLIP-L path>` and `lora_te2_<bigG path>`, each with `.lora_down.weight`,
+  `.lora_up.weight`, a scalar `.alpha`, and for DoRA `.dora_scale` (the magnitude as LyCORIS
+  writes it: (out, 1) or (out, 1, 1, 1), which ComfyUI reads as a norm over each output channel).
+  The UNet's names are the original `input_blocks` / `middle_block` / `output_blocks` ones. Reading
+  also accepts kohya keys built from diffusers block names.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 import struct
 from collections import Counter
@@ -34,84 +40,88 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sdxl.files import atomic_write
-from sdxl.lora import LoRAError, LoRALinearWrapper
+from sdxl.lora import (
+    COMPONENTS,
+    Adapter,
+    LoRAError,
+    LoRAModules,
+    by_component,
+    canonical,
+    sgm_path,
+    split_component,
+)
 from sdxl.options import LORA_FORMATS
-from sdxl.unet import UNet2DConditionModel
 from sdxl.weights import read_safetensors, read_safetensors_header
 
-log = logging.getLogger(__name__)
-
-LoRAModules = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 # In the metadata of every file the project writes for sharing, so that it can tell its own files.
 WRITTEN_BY = {"written_by": "sdxl-lora"}
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
 
 def modules_from_state_dict(
-    weights: dict[str, torch.Tensor],
-    alpha: float,
-    suffixes: tuple[str, str] = (".lora.down.weight", ".lora.up.weight"),
+    weights: dict[str, torch.Tensor], alpha: float | None = None
 ) -> LoRAModules:
-    """A state dict of `<path><down suffix>` / `<path><up suffix>` pairs (by default ours, as
-    `get_lora_state_dict` returns it) -> LoRAModules, every adapter with the given alpha."""
-    down, up = suffixes
-    return {
-        key.removesuffix(down): (value, weights[key.removesuffix(down) + up], alpha)
-        for key, value in weights.items()
-        if key.endswith(down)
-    }
-
-
-@torch.no_grad()
-def attach_lora(unet: nn.Module, modules: LoRAModules, scale: float = 1.0) -> None:
-    """Wrap exactly the named Linear layers with adapters holding the given weights; the update is
-    multiplied by `scale` (a generation-time LoRA strength)."""
-    unet.requires_grad_(False)
-    own = dict(unet.named_modules())
-    for name, (down, up, alpha) in modules.items():
-        base = own.get(name)
-        if type(base) is not nn.Linear:
-            raise LoRAError(f"LoRA targets {name}, which is not a Linear layer of this UNet")
-        if down.shape[1] != base.in_features or up.shape[0] != base.out_features:
-            raise LoRAError(
-                f"LoRA shape mismatch at {name}: file has down {tuple(down.shape)} / up {tuple(up.shape)}, "
-                f"this model's layer is {base.in_features} -> {base.out_features} (another architecture?)"
-            )
-        wrapper = LoRALinearWrapper(base, rank=down.shape[0], alpha=alpha * scale)
-        wrapper.lora.down.weight.copy_(down)
-        wrapper.lora.up.weight.copy_(up)
-        parent, _, child = name.rpartition(".")
-        setattr(unet.get_submodule(parent), child, wrapper)
+    """Our state-dict layout (`get_lora_state_dict` of a model, or a native file) -> LoRAModules.
+    An adapter without its own `.lora.alpha` (older files) gets `alpha` (default: its rank)."""
+    modules = {}
+    for key, down in weights.items():
+        if not key.endswith(".lora.down.weight"):
+            continue
+        path = key.removesuffix(".lora.down.weight")
+        own_alpha = weights.get(f"{path}.lora.alpha")
+        modules[canonical(path)] = Adapter(
+            down,
+            weights[f"{path}.lora.up.weight"],
+            float(own_alpha) if own_alpha is not None else float(alpha or down.shape[0]),
+            weights.get(f"{path}.lora.magnitude"),
+        )
+    return modules
 
 
 # ---------------------------------------------------------------------------------------------
-# Original (SGM) module names, for kohya files
+# Names
 # ---------------------------------------------------------------------------------------------
 
 
-def sgm_path(path: str, layers_per_block: int) -> str:
-    """diffusers module path -> original SDXL path. Each level has layers_per_block + 1 slots in
-    input_blocks (ResNets/transformers, then the downsample), the first slot being conv_in; the
-    transformer of a slot is its sub-module 1."""
-    n = layers_per_block + 1
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", path):
-        return f"input_blocks.{n * int(m[1]) + int(m[2]) + 1}.1.{m[3]}"
-    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", path):
-        return f"middle_block.1.{m[1]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", path):
-        return f"output_blocks.{n * int(m[1]) + int(m[2])}.1.{m[3]}"
-    raise LoRAError(f"no original SDXL name for {path}")
+def kohya_name(key: str, layers_per_block: int = 2) -> str:
+    """Our key -> kohya's module name: the UNet's under its original SDXL path, the text encoders'
+    under their transformers path, dots as underscores."""
+    component, path = split_component(key)
+    if component == "unet":
+        path = sgm_path(path, layers_per_block)
+    return KOHYA_PREFIX[component] + path.replace(".", "_")
 
 
-def kohya_names(unet: UNet2DConditionModel) -> dict[str, str]:
-    """kohya module name -> diffusers path, for every Linear inside the UNet's transformers, under
-    both the original block names and the diffusers block names."""
-    layers = unet.config.layers_per_block
+def kohya_names(unet: nn.Module) -> dict[str, str]:
+    """kohya module name -> our key, for every Linear and Conv2d of the UNet that has an original
+    name, under both the original block names and the diffusers block names."""
+    layers = int(unet.config.layers_per_block)  # type: ignore[union-attr, arg-type]
     names = {}
     for path, module in unet.named_modules():
-        if isinstance(module, (nn.Linear, LoRALinearWrapper)) and ".attentions." in path:
-            names["lora_unet_" + sgm_path(path, layers).replace(".", "_")] = path
-            names["lora_unet_" + path.replace(".", "_")] = path
+        if isinstance(module, (nn.Linear, nn.Conv2d)) or hasattr(module, "lora"):
+            try:
+                names[kohya_name(f"unet.{path}", layers)] = f"unet.{path}"
+            except LoRAError:  # a layer kohya never names
+                continue
+            names["lora_unet_" + path.replace(".", "_")] = f"unet.{path}"
     return names
+
+
+# A text encoder's kohya name -> its module path (CLIP's layer names are regular). Files written
+# from transformers 5's CLIP lack the text_model level; both forms are read.
+_KOHYA_TEXT = re.compile(
+    r"lora_te([12])_(?:text_model_)?encoder_layers_(\d+)_(self_attn|mlp)_(\w+)"
+)
+
+
+def kohya_key(name: str, unet_names: dict[str, str]) -> str:
+    """kohya module name -> our key."""
+    if name in unet_names:
+        return unet_names[name]
+    if m := _KOHYA_TEXT.fullmatch(name):
+        component = "text_encoder" if m[1] == "1" else "text_encoder_2"
+        return f"{component}.text_model.encoder.layers.{m[2]}.{m[3]}.{m[4]}"
+    raise LoRAError(f"LoRA module {name} does not exist in this model (another architecture?)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,38 +129,65 @@ def kohya_names(unet: UNet2DConditionModel) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def peft_config(adapters: dict[str, Adapter]) -> dict:
+    """The peft LoraConfig of one component's adapters: the commonest rank and alpha, the others
+    as patterns. peft matches target names as suffixes of module names, so the text encoders'
+    are given without `text_model.`: they then match CLIP built with or without that level."""
+    adapters = {path.removeprefix("text_model."): a for path, a in adapters.items()}
+    r = Counter(a.rank for a in adapters.values()).most_common(1)[0][0]
+    alpha = Counter(a.alpha for a in adapters.values()).most_common(1)[0][0]
+    return {
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(adapters),
+        "rank_pattern": {p: a.rank for p, a in adapters.items() if a.rank != r},
+        "alpha_pattern": {p: a.alpha for p, a in adapters.items() if a.alpha != alpha},
+        "use_dora": any(a.magnitude is not None for a in adapters.values()),
+    }
+
+
 def to_state_dict(modules: LoRAModules, fmt: str, layers_per_block: int = 2) -> tuple[dict, dict]:
     """(tensors, extra metadata) of one file format."""
     tensors: dict[str, torch.Tensor] = {}
     metadata: dict[str, str] = {}
-    if fmt == "native":
-        for path, (down, up, _) in modules.items():
-            tensors[f"{path}.lora.down.weight"] = down
-            tensors[f"{path}.lora.up.weight"] = up
-    elif fmt == "kohya":
-        for path, (down, up, alpha) in modules.items():
-            name = "lora_unet_" + sgm_path(path, layers_per_block).replace(".", "_")
-            tensors[f"{name}.lora_down.weight"] = down
-            tensors[f"{name}.lora_up.weight"] = up
-            tensors[f"{name}.alpha"] = torch.tensor(alpha)
-    elif fmt == "diffusers":
-        for path, (down, up, _) in modules.items():
-            tensors[f"unet.{path}.lora_A.weight"] = down
-            tensors[f"unet.{path}.lora_B.weight"] = up
-        ranks = Counter(d.shape[0] for d, _, _ in modules.values())
-        alphas = Counter(a for _, _, a in modules.values())
-        r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
-        config = {
-            "r": r,
-            "lora_alpha": alpha,
-            "target_modules": sorted(modules),
-            "rank_pattern": {p: d.shape[0] for p, (d, _, _) in modules.items() if d.shape[0] != r},
-            "alpha_pattern": {p: a for p, (_, _, a) in modules.items() if a != alpha},
-        }
+    for key, a in modules.items():
+        conv = a.down.dim() == 4
+        if fmt == "native":
+            tensors |= {f"{key}.lora.down.weight": a.down, f"{key}.lora.up.weight": a.up}
+            tensors[f"{key}.lora.alpha"] = torch.tensor(a.alpha)
+            if a.magnitude is not None:
+                tensors[f"{key}.lora.magnitude"] = a.magnitude
+        elif fmt == "kohya":
+            name = kohya_name(key, layers_per_block)
+            tensors |= {f"{name}.lora_down.weight": a.down, f"{name}.lora_up.weight": a.up}
+            tensors[f"{name}.alpha"] = torch.tensor(a.alpha)
+            if a.magnitude is not None:
+                # (out, 1[, 1, 1]) per output channel, (1, in[, 1, 1]) per input channel: ComfyUI
+                # tells the two apart by whether the first axis is the layer's output.
+                lead = tuple(a.magnitude.shape) if a.magnitude.dim() == 2 else (-1, 1)
+                tensors[f"{name}.dora_scale"] = a.magnitude.reshape(
+                    *lead, *[1] * (a.down.dim() - 2)
+                )
+        elif fmt == "diffusers":
+            tensors |= {f"{key}.lora_A.weight": a.down, f"{key}.lora_B.weight": a.up}
+            if a.magnitude is not None and a.magnitude.dim() == 2:
+                raise LoRAError(
+                    f"{key} has a DoRA magnitude per input channel, which peft's format cannot "
+                    "hold; save it in kohya format"
+                )
+            if a.magnitude is not None:  # peft's shapes
+                shape = (1, -1, 1, 1) if conv else (-1,)
+                tensors[f"{key}.lora_magnitude_vector"] = a.magnitude.reshape(shape)
+        else:
+            raise LoRAError(f"unknown LoRA format {fmt!r}; choose one of {LORA_FORMATS}")
+    if fmt == "diffusers":
         # diffusers stores the peft LoraConfig of each component with the component's prefix.
-        metadata["lora_adapter_metadata"] = json.dumps({f"unet.{k}": v for k, v in config.items()})
-    else:
-        raise LoRAError(f"unknown LoRA format {fmt!r}; choose one of {LORA_FORMATS}")
+        configs = {
+            f"{component}.{k}": v
+            for component, adapters in by_component(modules).items()
+            for k, v in peft_config(adapters).items()
+        }
+        metadata["lora_adapter_metadata"] = json.dumps(configs)
     return {k: v.contiguous() for k, v in tensors.items()}, metadata
 
 
@@ -241,70 +278,93 @@ def save_lora_file(
 # ---------------------------------------------------------------------------------------------
 
 
-def detect_format(keys: list[str]) -> str:
+def detect_format(keys: list[str], metadata: dict[str, str]) -> str:
     if keys and all(k.startswith(("lora_unet_", "lora_te")) for k in keys):
         return "kohya"
-    if keys and all(k.startswith(("unet.", "text_encoder")) for k in keys):
+    if keys and "lora_adapter_metadata" in metadata:  # diffusers' header, with either key style
         return "diffusers"
     if keys and all(".lora." in k for k in keys):
         return "native"
+    if keys and all(k.startswith(COMPONENTS) and ".lora_" in k for k in keys):
+        return "diffusers"
     raise LoRAError(
         f"not a LoRA file this project knows (first key: {keys[0] if keys else 'none'})"
     )
 
 
 def from_state_dict(
-    tensors: dict[str, torch.Tensor], metadata: dict[str, str], unet: UNet2DConditionModel
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], unet: nn.Module
 ) -> LoRAModules:
-    """Any of the three formats -> LoRAModules for this UNet. Text-encoder LoRAs are skipped with a
-    warning (this project trains and applies UNet LoRAs only)."""
-    fmt = detect_format(list(tensors))
-    text = [k for k in tensors if k.startswith(("lora_te", "text_encoder"))]
-    if text:
-        log.warning(
-            "skipping %d text-encoder LoRA tensors (only the UNet LoRA is applied)", len(text)
-        )
-    modules: LoRAModules = {}
+    """Any of the three formats -> LoRAModules (the UNet's module names resolve kohya's)."""
+    fmt = detect_format(list(tensors), metadata)
     if fmt == "kohya":
         names = kohya_names(unet)
+        known = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
+        unknown = [k for k in tensors if not k.endswith(known)]
+        if unknown:  # LoHa, LoKr, a bias diff...: not an adapter this project builds
+            raise LoRAError(
+                f"{len(unknown)} keys of the LoRA file are of no adapter kind this project "
+                f"knows (first: {unknown[0]}); only LoRA, LoCon and DoRA keys load"
+            )
+        modules = {}
         for key, down in tensors.items():
-            if not key.startswith("lora_unet_") or not key.endswith(".lora_down.weight"):
+            if not key.endswith(".lora_down.weight"):
                 continue
             name = key.removesuffix(".lora_down.weight")
-            if name not in names:
-                raise LoRAError(
-                    f"LoRA module {name} does not exist in this UNet (another architecture?)"
+            alpha = tensors.get(f"{name}.alpha")
+            up = tensors.get(f"{name}.lora_up.weight")
+            if up is None:
+                raise LoRAError(f"the LoRA file has {name}.lora_down.weight but no lora_up")
+            magnitude = tensors.get(f"{name}.dora_scale")
+            if magnitude is not None:  # per output channel if the first axis is the output's
+                magnitude = (
+                    magnitude.flatten()
+                    if magnitude.shape[0] == up.shape[0]
+                    else magnitude.reshape(1, -1)
                 )
-            alpha_tensor = tensors.get(f"{name}.alpha")
-            modules[names[name]] = (
+            modules[kohya_key(name, names)] = Adapter(
                 down,
-                tensors[f"{name}.lora_up.weight"],
-                float(alpha_tensor) if alpha_tensor is not None else float(down.shape[0]),
+                up,
+                float(alpha) if alpha is not None else float(down.shape[0]),
+                magnitude,
             )
         return modules
     if fmt == "native":
-        modules = modules_from_state_dict(tensors, 0.0)
-        return {
-            p: (d, u, float(metadata.get("alpha", d.shape[0]))) for p, (d, u, _) in modules.items()
+        # Older native files hold the UNet's adapters without the "unet." prefix.
+        prefixed = {
+            k if k.split(".")[0] in COMPONENTS else f"unet.{k}": v for k, v in tensors.items()
         }
-    config = {}
+        default = float(metadata["alpha"]) if "alpha" in metadata else None
+        return modules_from_state_dict(prefixed, default)
+    configs: dict[str, dict] = {c: {} for c in COMPONENTS}
     if "lora_adapter_metadata" in metadata:
-        raw = json.loads(metadata["lora_adapter_metadata"])
-        config = {k.removeprefix("unet."): v for k, v in raw.items() if k.startswith("unet.")}
-    unet_tensors = {k.removeprefix("unet."): v for k, v in tensors.items() if k.startswith("unet.")}
-    # peft's names, or the older ones diffusers also wrote
-    for suffixes in (
+        for k, v in json.loads(metadata["lora_adapter_metadata"]).items():
+            component, _, field = k.partition(".")
+            configs.setdefault(component, {})[field] = v
+    modules = {}
+    # peft's names, or the older ones diffusers also writes (convert_state_dict_to_diffusers)
+    for down_suffix, up_suffix in (
         (".lora_A.weight", ".lora_B.weight"),
         (".lora.down.weight", ".lora.up.weight"),
     ):
-        for path, (d, u, _) in modules_from_state_dict(unet_tensors, 0.0, suffixes).items():
-            rank = d.shape[0]
-            alpha = config.get("alpha_pattern", {}).get(path, config.get("lora_alpha", rank))
-            modules[path] = (d, u, float(alpha))
+        for key, down in tensors.items():
+            if not key.endswith(down_suffix):
+                continue
+            path = key.removesuffix(down_suffix)
+            component, inner = split_component(path)
+            config = configs.get(component, {})
+            alpha = config.get("alpha_pattern", {}).get(inner, config.get("lora_alpha"))
+            magnitude = tensors.get(f"{path}.lora_magnitude_vector")
+            modules[path] = Adapter(
+                down,
+                tensors[path + up_suffix],
+                float(alpha if alpha is not None else down.shape[0]),
+                magnitude.flatten() if magnitude is not None else None,
+            )
     return modules
 
 
-def read_lora_file(path: str | Path, unet: UNet2DConditionModel) -> LoRAModules:
+def read_lora_file(path: str | Path, unet: nn.Module) -> LoRAModules:
     """Read a LoRA safetensors file in any of the three formats."""
     header, _ = read_safetensors_header(path)
     metadata = header.get("__metadata__", {})

@@ -24,6 +24,7 @@ DOWNLOAD_HINT = (
 )
 PRECISIONS = ("bf16", "fp16", "fp32")  # training/precision_util.py: DTYPES
 TARGET_MODES = ("attention", "attention_out", "all")  # sdxl/lora.py
+BLOCKS = 23  # kohya's SDXL blocks, as --block_dims counts them: sdxl/lora.py block_index
 LORA_FORMATS = ("native", "diffusers", "kohya")  # sdxl/lora_formats.py
 SAMPLER_NAMES = ("euler", "ddim", "ddpm")  # sampling/samplers.py: SAMPLERS
 OPTIMIZER_NAMES = ("adamw", "adamw8bit", "adafactor", "prodigy")  # training/optimizers.py
@@ -63,6 +64,20 @@ def check_output_dir(path: str | Path, name: str) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise UserError(f"{name} {path} is inside {parent}, which is a file; give a folder")
+
+
+def comma_separated(kind: type) -> Callable[[str], list]:
+    """An argparse type: "1,2,3" -> [1, 2, 3] (kohya's block_dims style)."""
+
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a comma-separated list of {kind.__name__} values"
+            ) from None
+
+    return parse
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -108,6 +123,8 @@ def _flag_tokens(action: argparse.Action, value: object) -> list[str]:
         if not isinstance(value, bool):
             raise UserError(f"config: {flag[2:]} must be true or false, got {value!r}")
         return [flag] if value else []
+    if isinstance(value, list) and action.nargs is None:  # one value: a comma-separated list
+        return [flag, ",".join(str(v) for v in value)]
     values = value if isinstance(value, list) else [value]
     return [flag, *(str(v) for v in values)]
 

@@ -87,6 +87,23 @@ def config_folder(model: Path) -> Path:
     return model if model.is_dir() else SDXL_CONFIGS
 
 
+def meta_models(model: Path) -> dict[str, torch.nn.Module]:
+    """The UNet and both text encoders of a model, built on the meta device from its configs (no
+    weights): for checking that a LoRA fits before anything is loaded."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    configs = config_folder(model)
+    unet_config = json.loads((configs / "unet" / "config.json").read_text())
+    with torch.device("meta"):
+        return {
+            "unet": UNet2DConditionModel(config_from_diffusers(unet_config)),
+            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(configs / "text_encoder")),
+            "text_encoder_2": CLIPTextModelWithProjection(
+                CLIPTextConfig.from_pretrained(configs / "text_encoder_2")
+            ),
+        }
+
+
 def is_hub_id(name: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
 

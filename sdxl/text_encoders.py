@@ -102,7 +102,6 @@ class SDXLTextEncoder(nn.Module):
                 rows.append([bos, *piece, eos] + [pad] * (CHUNK - len(piece)))
         return torch.tensor(rows, device=self.device)
 
-    @torch.no_grad()
     def encode(
         self, prompts: list[str], chunks: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +111,8 @@ class SDXLTextEncoder(nn.Module):
         and the chunks' contexts concatenated, as ComfyUI and AUTOMATIC1111 do; the pooled vector
         comes from the first chunk. `chunks` fixes their number (training, --max_token_length);
         by default there are as many as the longest prompt needs, so a prompt of up to 75 tokens
-        gives exactly the one-chunk encoding of the diffusers pipeline."""
+        gives exactly the one-chunk encoding of the diffusers pipeline. Gradients flow only into
+        adapters a run trains (--train_text_encoder): the encoders' own weights are frozen."""
         chunks = chunks or self.chunks_needed(prompts)
         ids_1 = self._tokenize(self.tokenizer, prompts, chunks)
         ids_2 = self._tokenize(self.tokenizer_2, prompts, chunks)

@@ -18,8 +18,8 @@ from PIL import Image
 
 import generate_images
 import train_sdxl
-from sdxl.lora import apply_lora_to_unet, get_lora_state_dict
-from sdxl.lora_formats import modules_from_state_dict, save_lora_file
+from sdxl.lora import apply_lora_to_unet, export_adapters
+from sdxl.lora_formats import save_lora_file
 from sdxl.unet import load_unet
 
 
@@ -201,8 +201,7 @@ def random_lora(tiny_model, path: Path, seed: int) -> Path:
         for name, p in unet.named_parameters():
             if ".lora." in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    modules = modules_from_state_dict(get_lora_state_dict(unet), 8.0)
-    save_lora_file(path, modules, "kohya", {"rank": 4, "alpha": 8})
+    save_lora_file(path, export_adapters({"unet": unet}), "kohya", {"rank": 4, "alpha": 8})
     return path
 
 
@@ -215,13 +214,14 @@ def test_several_loras_are_merged_in_turn(tiny_model, tmp_path):
     )
     unet = load_unet(tiny_model / "unet")
     base = {k: v.clone() for k, v in unet.state_dict().items()}
-    apply_lora(unet, read_lora_weights(a, unet), 0.8)
-    apply_lora(unet, read_lora_weights(b, unet), 0.5)
+    apply_lora({"unet": unet}, read_lora_weights(a, unet), 0.8)
+    apply_lora({"unet": unet}, read_lora_weights(b, unet), 0.5)
     expected = dict(base)
     for path, scale in ((a, 0.8), (b, 0.5)):
-        for name, (down, up, alpha) in read_lora_weights(path, unet).items():
+        for key, lora in read_lora_weights(path, unet).items():
+            name = key.removeprefix("unet.")
             expected[f"{name}.weight"] = (
-                expected[f"{name}.weight"] + scale * alpha / down.shape[0] * up @ down
+                expected[f"{name}.weight"] + scale * lora.alpha / lora.rank * lora.up @ lora.down
             )
     merged = unet.state_dict()
     assert merged.keys() == base.keys()  # plain Linear layers again

@@ -29,6 +29,11 @@ def flags(tiny_model, out, batch_size, *extra):
         # makes the update proportional to the gradient, so the comparison measures the gradients.
         "--adam_epsilon",
         "1.0",
+        # Every adapter kind: the text encoders' gradients are averaged outside DDP.
+        "--train_text_encoder",
+        "--use_dora",
+        "--conv_rank",
+        "2",
         *extra,
     )
 
@@ -72,6 +77,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_model, tmp_path
         (ddp / "metrics.jsonl").read_text().splitlines()
     ) == 5
     a, b = newest(single, 5), newest(ddp, 5)
+    assert any(k.startswith("text_encoder_2.") for k in a["lora"])
     # 5 steps x 2 samples, 8 an epoch
     assert b["config"]["processes"] == 2 and b["position"] == a["position"] == 2
     for k in a["lora"]:

@@ -13,8 +13,8 @@ import generate_images
 import train_sdxl
 from sampling.inference import Pipeline, apply_lora, generate_unique_batch
 from sdxl.errors import UserError
-from sdxl.lora import apply_lora_to_unet, get_lora_state_dict
-from sdxl.lora_formats import modules_from_state_dict, save_lora_file
+from sdxl.lora import Adapter, apply_lora_to_unet, components, export_adapters
+from sdxl.lora_formats import save_lora_file
 from sdxl.pretrained import load_sdxl
 from sdxl.unet import load_unet
 from training.checkpoint import read_lora_weights
@@ -26,7 +26,7 @@ PROMPTS = ["a red circle on a white background", "a blue square"]
 def our_pipeline(tiny_model, lora=None):
     parts = load_sdxl(tiny_model, torch.float32)
     if lora is not None:
-        apply_lora(parts.unet, read_lora_weights(lora, parts.unet))
+        apply_lora(components(parts.unet), read_lora_weights(lora, parts.unet))
     return Pipeline(
         parts.unet,
         parts.text_encoder,
@@ -47,8 +47,7 @@ def lora_file(tiny_model, tmp_path_factory):
         for p in (p for n, p in unet.named_parameters() if ".lora." in n):
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     path = tmp_path_factory.mktemp("lora") / "lora.safetensors"
-    modules = modules_from_state_dict(get_lora_state_dict(unet), 8.0)
-    save_lora_file(path, modules, "diffusers", {"rank": 4, "alpha": 8})
+    save_lora_file(path, export_adapters({"unet": unet}), "diffusers", {"rank": 4, "alpha": 8})
     return path
 
 
@@ -212,10 +211,8 @@ def test_bad_input_fails_before_loading(tiny_model, tmp_path, extra, message):
 
 def test_lora_for_another_architecture_fails_early(tiny_model, tmp_path):
     bad = {
-        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (
-            torch.zeros(4, 40),
-            torch.zeros(64, 4),
-            4.0,
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": Adapter(
+            torch.zeros(4, 40), torch.zeros(64, 4), 4.0
         )
     }
     path = tmp_path / "bad.safetensors"

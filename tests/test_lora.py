@@ -9,13 +9,17 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from sdxl.lora import (
-    LoRALinearWrapper,
+    AdaptedLayer,
+    Adapter,
+    LoRA,
     apply_lora_to_unet,
+    attach_lora,
+    export_adapters,
     get_lora_state_dict,
     load_lora_state_dict,
     merge_lora,
 )
-from sdxl.lora_formats import attach_lora, modules_from_state_dict, read_lora_file, save_lora_file
+from sdxl.lora_formats import read_lora_file, save_lora_file
 from sdxl.unet import UNet2DConditionModel, load_unet
 
 
@@ -62,7 +66,8 @@ def test_only_adapters_train_and_base_is_untouched(unet):
     lora_before = {k: v.clone() for k, v in get_lora_state_dict(unet).items()}
     trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
     assert trainable and all(".lora." in n for n in trainable)
-    assert trainable == {n for n in get_lora_state_dict(unet)}
+    # The state dict has the adapters' weights, and their alphas (buffers).
+    assert trainable == {n for n in get_lora_state_dict(unet) if not n.endswith(".alpha")}
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-2)
     x, t, ctx, cond = inputs()
     unet(x, t, ctx, cond).square().mean().backward()
@@ -81,7 +86,7 @@ def test_adapters_fp32_on_bf16_base_and_on_the_base_device(unet):
     unet = unet.to(torch.bfloat16)
     apply_lora_to_unet(unet, rank=4, alpha=4)
     for _, wrapper in unet.named_modules():
-        if isinstance(wrapper, LoRALinearWrapper):
+        if isinstance(wrapper, AdaptedLayer):
             assert wrapper.weight.dtype == torch.bfloat16
             assert wrapper.lora.down.weight.dtype == torch.float32
             assert wrapper.lora.down.weight.device == wrapper.weight.device
@@ -92,7 +97,8 @@ def test_adapters_keep_one_bf16_input_not_fp32_copies():
     bf16, instead of an fp32 copy per adapter (2 bytes per element against 12); the outputs and
     gradients equal plain autograd on the cast input."""
     torch.manual_seed(0)
-    wrappers = [LoRALinearWrapper(torch.nn.Linear(64, 48).to(torch.bfloat16), 4, 8) for _ in "qkv"]
+    bases = [torch.nn.Linear(64, 48).to(torch.bfloat16) for _ in "qkv"]
+    wrappers = [AdaptedLayer(base, LoRA(base, 4, 8)) for base in bases]
     for w in wrappers:
         w.requires_grad_(False)
         w.lora.requires_grad_(True)
@@ -101,11 +107,10 @@ def test_adapters_keep_one_bf16_input_not_fp32_copies():
     weights = [p for w in wrappers for p in (w.lora.down.weight, w.lora.up.weight)]
     parameters = {p.data_ptr() for w in wrappers for p in w.parameters()}
 
-    def plain(w: LoRALinearWrapper, x: torch.Tensor) -> torch.Tensor:  # autograd does the casts
+    def plain(w: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:  # autograd does the casts
         lora = w.lora
-        return F.linear(x, w.weight, w.bias) + (lora.up(lora.down(x.float())) * lora.scale).to(
-            x.dtype
-        )
+        scale = lora.alpha / lora.rank
+        return F.linear(x, w.weight, w.bias) + (lora.up(lora.down(x.float())) * scale).to(x.dtype)
 
     def run(layer) -> tuple[list[torch.Tensor], int]:
         saved: dict[int, int] = {}  # storage -> bytes, parameters left out
@@ -125,8 +130,9 @@ def test_adapters_keep_one_bf16_input_not_fp32_copies():
     for a, b in zip(ours, ref):
         assert a.dtype == b.dtype
         assert torch.equal(a, b)
-    # Beyond x itself, each side keeps only the rank-4 hidden states (3 x 4 x 128 x 4 fp32).
-    small = 3 * 4 * 128 * 4 * 4
+    # Beyond x itself, each side keeps only the rank-4 hidden states (3 x 4 x 128 x 4 fp32) and
+    # the scales alpha / rank (3 fp32 scalars).
+    small = 3 * 4 * 128 * 4 * 4 + 3 * 4
     assert ours_bytes <= x.numel() * 2 + small
     assert ref_bytes >= x.numel() * 12
 
@@ -148,7 +154,7 @@ def test_load_rejects_other_rank_and_targets(tiny_model, unet):
     state = get_lora_state_dict(unet)
     other = load_unet(tiny_model / "unet")
     apply_lora_to_unet(other, rank=8, alpha=4)
-    key = next(iter(get_lora_state_dict(other)))
+    key = next(k for k in get_lora_state_dict(other) if k.endswith("down.weight"))
     with pytest.raises(
         ValueError, match=rf"{key}: file has \(4, 64\), this model expects \(8, 64\)"
     ):
@@ -206,7 +212,7 @@ def test_exported_file_loads_in_diffusers(tmp_path, tiny_model, unet, fmt, mode)
     apply_lora_to_unet(unet, rank=4, alpha=12, target_mode=mode)  # alpha != rank: scale 3
     randomize_adapters(unet)
     path = tmp_path / f"lora_{fmt}.safetensors"
-    modules = modules_from_state_dict(get_lora_state_dict(unet), 12.0)
+    modules = export_adapters({"unet": unet})
     save_lora_file(path, modules, fmt, {"rank": 4, "alpha": 12, "target_mode": mode})
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model, dtype=torch.float32)
     pipe.load_lora_weights(path)
@@ -227,10 +233,10 @@ def test_own_files_load_back(tmp_path, tiny_model, unet, fmt):
     apply_lora_to_unet(unet, rank=4, alpha=2, target_mode="all")
     randomize_adapters(unet)
     path = tmp_path / "lora.safetensors"
-    modules = modules_from_state_dict(get_lora_state_dict(unet), 2.0)
+    modules = export_adapters({"unet": unet})
     save_lora_file(path, modules, fmt, {"rank": 4, "alpha": 2, "target_mode": "all"})
     other = load_unet(tiny_model / "unet")
-    attach_lora(other, read_lora_file(path, other))
+    attach_lora({"unet": other}, read_lora_file(path, other))
     x, t, ctx, cond = inputs()
     with torch.no_grad():
         assert torch.equal(unet(x, t, ctx, cond), other(x, t, ctx, cond))
@@ -258,7 +264,7 @@ def test_diffusers_written_file_loads_into_ours(tmp_path, tiny_model, unet):
     StableDiffusionXLPipeline.save_lora_weights(
         tmp_path, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict()
     )
-    attach_lora(unet, read_lora_file(tmp_path / "pytorch_lora_weights.safetensors", unet))
+    attach_lora({"unet": unet}, read_lora_file(tmp_path / "pytorch_lora_weights.safetensors", unet))
     x, t, ctx, cond = inputs()
     with torch.no_grad():
         ours = unet(x, t, ctx, cond)
@@ -274,7 +280,7 @@ def test_kohya_file_from_diffusers_converter_loads_into_ours(tmp_path, tiny_mode
     kohya = convert_state_dict_to_kohya(peft_state)
     assert all(k.startswith("lora_unet_down_blocks_") or k.startswith("lora_unet_") for k in kohya)
     save_file({k: v.contiguous() for k, v in kohya.items()}, tmp_path / "kohya.safetensors")
-    attach_lora(unet, read_lora_file(tmp_path / "kohya.safetensors", unet))
+    attach_lora({"unet": unet}, read_lora_file(tmp_path / "kohya.safetensors", unet))
     x, t, ctx, cond = inputs()
     with torch.no_grad():
         ours = unet(x, t, ctx, cond)
@@ -284,10 +290,8 @@ def test_kohya_file_from_diffusers_converter_loads_into_ours(tmp_path, tiny_mode
 
 def test_file_for_another_architecture_fails(tmp_path, tiny_model, unet):
     bad = {
-        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (
-            torch.zeros(4, 40),
-            torch.zeros(64, 4),
-            4.0,
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": Adapter(
+            torch.zeros(4, 40), torch.zeros(64, 4), 4.0
         )
     }
     save_lora_file(tmp_path / "bad.safetensors", bad, "kohya", {"rank": 4})
@@ -295,4 +299,4 @@ def test_file_for_another_architecture_fails(tmp_path, tiny_model, unet):
         ValueError,
         match="shape mismatch at down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
     ):
-        attach_lora(unet, read_lora_file(tmp_path / "bad.safetensors", unet))
+        attach_lora({"unet": unet}, read_lora_file(tmp_path / "bad.safetensors", unet))

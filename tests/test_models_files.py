@@ -62,9 +62,10 @@ def test_a_ready_lora_beside_every_checkpoint(tiny_model, tmp_path):
         ours = read_lora_file(path, unet)
         expected = adapter_modules(ckpt)
         assert ours.keys() == expected.keys()
-        for name, (down, up, alpha) in expected.items():  # the checkpoint's adapters, exactly
-            assert torch.equal(ours[name][0], down) and torch.equal(ours[name][1], up)
-            assert ours[name][2] == alpha == 32.0
+        for name, adapter in expected.items():  # the checkpoint's adapters, exactly
+            assert torch.equal(ours[name].down, adapter.down)
+            assert torch.equal(ours[name].up, adapter.up)
+            assert ours[name].alpha == adapter.alpha == 32.0
         header, start = read_safetensors_header(path)
         meta = header["__metadata__"]
         assert all(key in meta for key in REQUIRED), [k for k in REQUIRED if k not in meta]

@@ -13,7 +13,8 @@ import extract_lora_weights
 import resume_training
 import train_sdxl
 from sdxl.errors import StoppedBySignal, UserError
-from sdxl.lora_formats import attach_lora, read_lora_file
+from sdxl.lora import attach_lora
+from sdxl.lora_formats import read_lora_file
 from sdxl.unet import load_unet
 from training.checkpoint import load_checkpoint
 
@@ -145,17 +146,17 @@ def test_extract_native_round_trip(tiny_model, tmp_path, straight):
     )
     unet = load_unet(tiny_model / "unet")
     modules = read_lora_file(path, unet)
-    for name, (down, up, alpha) in modules.items():
-        assert torch.equal(down, final["lora"][f"{name}.lora.down.weight"])
-        assert torch.equal(up, final["lora"][f"{name}.lora.up.weight"])
-        assert alpha == 32.0
+    for name, adapter in modules.items():
+        assert torch.equal(adapter.down, final["lora"][f"{name}.lora.down.weight"])
+        assert torch.equal(adapter.up, final["lora"][f"{name}.lora.up.weight"])
+        assert adapter.alpha == 32.0
     ema_path = extract_lora_weights.main(
         extract_lora_weights.build_parser().parse_args([str(ckpt_path), "--ema", "--dtype", "fp32"])
     )
     assert ema_path.name.endswith("_native_ema.safetensors")
     ema = read_lora_file(ema_path, unet)
     name = next(iter(ema))
-    assert torch.equal(ema[name][0], final["ema"]["shadow"][f"{name}.lora.down.weight"])
+    assert torch.equal(ema[name].down, final["ema"]["shadow"][f"{name}.lora.down.weight"])
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
@@ -178,7 +179,7 @@ def test_extracted_files_load_in_diffusers(tiny_model, tmp_path, straight, fmt):
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model, dtype=torch.float32)
     pipe.load_lora_weights(path)
     ours = load_unet(tiny_model / "unet")
-    attach_lora(ours, read_lora_file(path, ours))
+    attach_lora({"unet": ours}, read_lora_file(path, ours))
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 96, generator=g)
     cond = {

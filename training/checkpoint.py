@@ -14,7 +14,9 @@ Names, in the run's --output_dir (`lora_` for LoRA runs, `full_` for full fine-t
 A full fine-tuning checkpoint keeps the UNet beside it as safetensors under the same name
 (`full_step000100_<time>.safetensors`, diffusers key names) and records that name in `unet_file`.
 Format version 1 named full fine-tuning checkpoints `lora_*` with the UNet in `unet_*.safetensors`;
-they still load, and are pruned with their UNet file.
+they still load, and are pruned with their UNet file. Version 3 keys the adapters (and EMA) by
+component, `unet.<path>.lora.*` and `text_encoder(_2).<path>.lora.*`, each adapter with its own
+alpha; versions 1 and 2 (the UNet's adapters only, one alpha) are read as version 3.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from training.scan import Record
 from training.train_loop import Trainer, TrainState
 from training.train_util import rng_state, set_rng_state
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 KINDS = ("step", "epoch", "lowest")
 
 
@@ -172,7 +174,7 @@ def save_checkpoint(
         "position": state.position,
         "smoothed_loss": state.smoothed_loss,
         "best_loss": state.best_loss,
-        "lora": get_lora_state_dict(tr.unet) if lora else None,
+        "lora": get_lora_state_dict(tr.models) if lora else None,
         "lora_config": (
             {
                 "rank": config["lora_rank"],
@@ -200,7 +202,7 @@ def save_checkpoint(
             save_file({k: v.contiguous() for k, v in tr.unet.state_dict().items()}, tmp)
         ckpt["unet_file"] = unet_file.name
     elif config["lora_save_format"] != "none":  # a LoRA ready for ComfyUI, AUTOMATIC1111, diffusers
-        modules = modules_from_state_dict(ckpt["lora"], float(config["lora_alpha"]))
+        modules = modules_from_state_dict(ckpt["lora"])
         info: dict[str, str | int | float] = {**share, "step": state.step}
         info |= {"ss_steps": state.step, "ss_epoch": state.epoch}
         layers = tr.unet.config.layers_per_block
@@ -288,7 +290,21 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
             f"{path} has checkpoint format {ckpt['format_version']}, newer than this code reads "
             f"({FORMAT_VERSION}); update the project"
         )
+    if ckpt.get("format_version", 1) < 3:
+        _read_as_version_3(ckpt)
     return ckpt
+
+
+def _read_as_version_3(ckpt: dict) -> None:
+    """Versions 1 and 2 keyed the UNet's adapters and EMA without "unet." and kept one alpha in
+    lora_config."""
+    if ckpt.get("lora") is not None:
+        alpha = torch.tensor(float(ckpt["lora_config"]["alpha"]))
+        ckpt["lora"] = {f"unet.{k}": v for k, v in ckpt["lora"].items()}
+        for key in [k for k in ckpt["lora"] if k.endswith(".lora.down.weight")]:
+            ckpt["lora"][key.removesuffix("down.weight") + "alpha"] = alpha
+    if ckpt.get("ema") is not None:
+        ckpt["ema"]["shadow"] = {f"unet.{k}": v for k, v in ckpt["ema"]["shadow"].items()}
 
 
 def find_checkpoints(folder: Path) -> list[tuple[Path, dict]]:
@@ -317,13 +333,13 @@ def find_checkpoints(folder: Path) -> list[tuple[Path, dict]]:
 def restore_checkpoint(ckpt: dict, path: Path, tr: Trainer, state: TrainState) -> None:
     """Put a run back exactly where a checkpoint left it."""
     lora = ckpt["lora"] is not None
-    if lora != bool(get_lora_state_dict(tr.unet)):
+    if lora != bool(get_lora_state_dict(tr.models)):
         raise CheckpointError(
             f"{path} was trained {'with' if lora else 'without'} --use_lora; resume with the "
             "flags it was trained with (resume_training.py --auto DIR does this)"
         )
     if lora:
-        load_lora_state_dict(tr.unet, ckpt["lora"])
+        load_lora_state_dict(tr.models, ckpt["lora"])
     else:
         tr.unet.load_state_dict(
             unet_weights(ckpt, path, next(tr.unet.parameters()).dtype, tr.device)
@@ -339,16 +355,15 @@ def restore_checkpoint(ckpt: dict, path: Path, tr: Trainer, state: TrainState) -
 
 
 def adapter_modules(ckpt: dict, ema: bool = False) -> LoRAModules:
-    """A LoRA checkpoint's adapters as (down, up, alpha) per module path, from the live weights or
-    (ema=True) their moving averages."""
+    """A LoRA checkpoint's adapters, from the live weights or (ema=True) their moving averages."""
     weights = ckpt["lora"]
     if ema:
         if ckpt.get("ema") is None:
             raise CheckpointError(
                 "this checkpoint has no EMA weights (it was trained without --use_ema)"
             )
-        weights = ckpt["ema"]["shadow"]
-    return modules_from_state_dict(weights, float(ckpt["lora_config"]["alpha"]))
+        weights = {**weights, **ckpt["ema"]["shadow"]}  # the alphas are not averaged
+    return modules_from_state_dict(weights)
 
 
 def unet_weights(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +61,22 @@ class Distributed:
         return DistributedDataParallel(
             model, device_ids=[self.device] if self.device.type == "cuda" else None
         )
+
+    def averager(self, params: list[torch.nn.Parameter]) -> Callable[[], None]:
+        """A function that averages the gradients of `params` across the processes, in one
+        all_reduce: for trained parameters outside the DDP-wrapped UNet (the text encoders')."""
+        if self.world == 1 or not params:
+            return lambda: None
+
+        def average() -> None:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat)
+            flat /= self.world
+            for p, g in zip(params, flat.split([q.numel() for q in params])):
+                p.grad = g.view_as(p).clone()
+
+        return average
 
     def close(self) -> None:
         if self.world > 1:

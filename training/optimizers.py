@@ -68,7 +68,7 @@ def adamw8bit(params, args, kwargs, max_steps):
         raise UserError(
             "--optimizer adamw8bit needs bitsandbytes: uv sync --extra optimizers"
         ) from None
-    if not all(p.is_cuda for p in params):
+    if not all(p.is_cuda for group in params for p in group["params"]):
         raise UserError(
             "--optimizer adamw8bit (bitsandbytes) runs on CUDA GPUs only; use adamw here"
         )
@@ -121,9 +121,10 @@ OPTIMIZERS: dict[str, Callable] = {
 
 
 def build_optimizer(
-    params: list[torch.nn.Parameter], args: argparse.Namespace, max_steps: int
+    params: list[dict], args: argparse.Namespace, max_steps: int
 ) -> tuple[torch.optim.Optimizer, Schedule]:
-    """The optimizer `args.optimizer` names over `params`, and its learning-rate schedule."""
+    """The optimizer `args.optimizer` names over the parameter groups `params` (each a dict with
+    "params" and its "lr"), and its learning-rate schedule."""
     kwargs = optimizer_kwargs(args.optimizer_args)
     try:
         return OPTIMIZERS[args.optimizer](params, args, kwargs, max_steps)

@@ -26,7 +26,12 @@ from sampling.inference import Pipeline, generate_unique_batch, image_grid
 from sdxl.diffusion import NoiseSchedule
 from sdxl.errors import UserError
 from sdxl.files import atomic_write
-from sdxl.lora import apply_lora_to_unet
+from sdxl.lora import (
+    apply_lora_to_text_encoders,
+    apply_lora_to_unet,
+    components,
+    describe_adapters,
+)
 from sdxl.pretrained import SDXLParts
 from sdxl.unet import UNet2DConditionModel
 from sdxl.vae import SDXLVAE
@@ -63,6 +68,7 @@ class Trainer:
     """The models and every resolved option the step needs."""
 
     unet: UNet2DConditionModel
+    models: torch.nn.ModuleDict  # what is trained: the UNet, and the text encoders with their LoRA
     model: torch.nn.Module  # what the forward runs: the UNet, or its DDP wrapper
     vae: SDXLVAE
     schedule: NoiseSchedule
@@ -84,6 +90,7 @@ class Trainer:
     max_grad_norm: float
     prior_loss_weight: float  # of the regularisation images' loss
     no_sync: Callable[[], contextlib.AbstractContextManager]  # DDP: skip the gradient sync
+    average_text_gradients: Callable[[], None]  # across processes (DDP has only the UNet's)
 
 
 def build_trainer(
@@ -99,18 +106,22 @@ def build_trainer(
     checkpointing) and put together everything a step needs. `args` are train_sdxl.py's options; the
     script, the bench and the tests all build their trainer here."""
     unet = parts.unet
-    if args.use_lora:
-        apply_lora_to_unet(
-            unet, args.lora_rank, args.lora_alpha, args.lora_target_mode, args.lora_dropout
-        )
-    else:
-        unet.requires_grad_(True)
+    models = make_trainable(args, parts)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.to(memory_format=torch.channels_last)  # the layout fast convolution kernels want
-    trained = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    trained_models = torch.nn.ModuleDict(models)
+    trained = [(n, p) for n, p in trained_models.named_parameters() if p.requires_grad]
     params = [p for _, p in trained]
-    optimizer, lr_scheduler = build_optimizer(params, args, max_steps)
+    # One parameter group per model: the text encoders' own learning rates (--text_encoder_lr).
+    text_lrs = args.text_encoder_lr or [args.learning_rate]
+    groups = [
+        {"params": [p for n, p in trained if n.startswith(f"{component}.")], "lr": lr}
+        for component, lr in zip(models, [args.learning_rate, text_lrs[0], text_lrs[-1]])
+    ]
+    optimizer, lr_scheduler = build_optimizer([g for g in groups if g["params"]], args, max_steps)
+    if dist.main and args.use_lora:
+        print(describe_adapters(models))
     schedule = parts.schedule.to(dist.device)  # its table beside the UNet: no copy per step
     base_noise = noise.make_noise(args.noise_offset)
     snr_weight = min_snr_weight(schedule, args.snr_gamma)
@@ -118,6 +129,7 @@ def build_trainer(
     model = dist.wrap(unet)
     return Trainer(
         unet=unet,
+        models=trained_models,
         model=model,
         vae=parts.vae,
         schedule=schedule,
@@ -141,7 +153,35 @@ def build_trainer(
         max_grad_norm=args.max_grad_norm,
         prior_loss_weight=args.prior_loss_weight,
         no_sync=getattr(model, "no_sync", contextlib.nullcontext),
+        average_text_gradients=dist.averager(
+            [p for n, p in trained if n.startswith("text_encoder")]
+        ),
     )
+
+
+def make_trainable(args: argparse.Namespace, parts: SDXLParts) -> dict[str, torch.nn.Module]:
+    """Adapters as the options say (or the whole UNet trainable); returns the trained models by
+    component name."""
+    if not args.use_lora:
+        return components(parts.unet.requires_grad_(True))
+    kind = "dora" if args.use_dora else "lora"
+    apply_lora_to_unet(
+        parts.unet,
+        args.lora_rank,
+        args.lora_alpha,
+        args.lora_target_mode,
+        args.lora_dropout,
+        kind=kind,
+        conv_rank=args.conv_rank,
+        conv_alpha=args.conv_alpha,
+        block_ranks=args.block_dims,
+        block_alphas=args.block_alphas,
+    )
+    if not args.train_text_encoder:
+        return components(parts.unet)
+    rank, alpha, dropout = args.lora_rank, args.lora_alpha, args.lora_dropout
+    apply_lora_to_text_encoders(parts.text_encoder, rank, alpha, dropout, kind)
+    return components(parts.unet, parts.text_encoder)
 
 
 def min_snr_weight(
@@ -252,6 +292,7 @@ def micro_batch_loss(tr: Trainer, inputs: StepInputs) -> torch.Tensor:
 def optimizer_update(tr: Trainer) -> torch.Tensor:
     """Clip, step, clear the gradients, advance the LR schedule and the EMA. Returns the gradient
     norm before clipping (a device tensor)."""
+    tr.average_text_gradients()
     tr.scaler.unscale_(tr.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tr.max_grad_norm)
     tr.scaler.step(tr.optimizer)
