@@ -41,12 +41,15 @@ from sdxl.options import (
     FRACTION,
     PRECISIONS,
     SAMPLER_NAMES,
+    TILE_SIZE,
+    VAE_TILE_SIZE,
     check_device,
     check_file,
     check_folder,
     check_model,
     check_numbers,
     check_output_dir,
+    default_allocator,
 )
 
 
@@ -122,6 +125,7 @@ def check_args(args: argparse.Namespace) -> None:
             "shard_size": AT_LEAST_1,
             "quality": (lambda v: 1 <= v <= 100, "between 1 and 100"),
             "writers": AT_LEAST_0,
+            "vae_tile_size": TILE_SIZE,
         },
         hyphens=True,
     )
@@ -236,6 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--vae", type=Path, default=None, help="another VAE folder (e.g. the fp16-fix VAE)"
     )
     p.add_argument(
+        "--vae-tile-size",
+        type=int,
+        default=VAE_TILE_SIZE,
+        help="encode and decode images larger than this (px) in overlapping tiles of this size, "
+        "to bound the VAE's memory (0: never tile)",
+    )
+    p.add_argument(
+        "--fp8-base",
+        action="store_true",
+        help="store the UNet in fp8 (e4m3, a scale per channel) after merging the LoRAs, upcast a "
+        "layer at a time: half the UNet's memory, at a small cost in fidelity",
+    )
+    p.add_argument(
         "--precision",
         default="auto",
         choices=["auto", *PRECISIONS],
@@ -256,6 +273,7 @@ from sampling.inference import Pipeline, apply_lora, generate_unique_batch
 from sampling.outputs import FolderWriter, ShardWriter, write_index
 from sdxl.diffusion import NoiseSchedule
 from sdxl.files import FolderLock, make_folder, remove_stale_tmp, write_json
+from sdxl.frozen import store_in_fp8
 from sdxl.lora import components
 from sdxl.lora_formats import model_name
 from sdxl.pretrained import config_folder, load_sdxl, meta_models, resolve_model
@@ -299,6 +317,7 @@ def claim_output_dir(out: Path, settings: dict, overwrite: bool) -> None:
 def main(args: argparse.Namespace) -> Path:
     # -- the images to make, the model, the output folder: checked before any model is loaded ---
     check_args(args)  # again, for callers that skip the command line
+    default_allocator()  # before CUDA starts
     jobs = plan(args)
     adapters = loras(args)
     first = adapters[0][0] if adapters else None
@@ -359,12 +378,22 @@ def main(args: argparse.Namespace) -> Path:
 
     # -- models ----------------------------------------------------------------------------------
     if todo:
+        # The text encoders stay on the device: each batch needs them, and moving 1.6 GiB
+        # there and back per batch would cost more time than encoding takes.
         parts = load_sdxl(
-            model_folder, precision.unet_dtype, dist.device, None, args.vae, *schedule_flags
+            model_folder,
+            precision.unet_dtype,
+            dist.device,
+            None,
+            args.vae,
+            *schedule_flags,
+            args.vae_tile_size,
         )
         for lora, scale in adapters:  # each merged into the weights, one after the other
             models = components(parts.unet, parts.text_encoder)
             apply_lora(models, read_lora_weights(lora, parts.unet), scale)
+        if args.fp8_base:  # after the merges, which need the weights in full precision
+            store_in_fp8(parts.unet)
         parts.unet.to(memory_format=torch.channels_last)
         pipe = Pipeline(
             parts.unet,

@@ -42,6 +42,8 @@ from sdxl.options import (
     POSITIVE,
     PRECISIONS,
     TARGET_MODES,
+    TILE_SIZE,
+    VAE_TILE_SIZE,
     check_device,
     check_file,
     check_folder,
@@ -49,6 +51,7 @@ from sdxl.options import (
     check_numbers,
     check_output_dir,
     comma_separated,
+    default_allocator,
     parse_with_config,
 )
 from training.scan import check_data_dir
@@ -75,6 +78,7 @@ def check_args(args: argparse.Namespace) -> None:
         args,
         {
             "image_size": MULTIPLE_OF_8,
+            "vae_tile_size": TILE_SIZE,
             "caption_dropout": FRACTION,
             "validation_split": BELOW_1,
             "validation_steps": AT_LEAST_0,
@@ -137,6 +141,7 @@ def check_adapter_args(args: argparse.Namespace) -> None:
         "--conv_rank": args.conv_rank,
         "--block_dims": args.block_dims,
         "--train_text_encoder": args.train_text_encoder,
+        "--fp8_base": args.fp8_base,
     }
     for name, value in adapter_flags.items():
         if value and not args.use_lora:
@@ -304,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--vae", type=Path, default=None, help="another VAE folder (e.g. the fp16-fix VAE)"
     )
     g.add_argument(
+        "--vae_tile_size",
+        type=int,
+        default=VAE_TILE_SIZE,
+        help="encode and decode images larger than this (px) in overlapping tiles of this size, "
+        "to bound the VAE's memory (0: never tile)",
+    )
+    g.add_argument(
         "--prediction_type",
         default=None,
         choices=["epsilon", "v_prediction"],
@@ -382,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=comma_separated(float),
         default=None,
         help=f"{BLOCKS} comma-separated alphas to go with --block_dims (default: the ranks)",
+    )
+    g.add_argument(
+        "--fp8_base",
+        action="store_true",
+        help="store the frozen UNet in fp8 (e4m3, a scale per channel), upcast a layer at a time: "
+        "half the UNet's memory, at a small cost in fidelity (kohya's --fp8_base)",
     )
     g.add_argument(
         "--train_text_encoder",
@@ -535,6 +553,7 @@ def resolved_config(
         "resolved_precision": precision,
         "resolved_device": str(dist.device),
         "processes": dist.world,
+        "cuda_alloc_conf": default_allocator(),
     }
 
 
@@ -588,6 +607,7 @@ def main(args: argparse.Namespace) -> Path:
     """Train; returns the path of the last checkpoint written. A run stopped by SIGINT or SIGTERM
     saves a checkpoint, then raises StoppedBySignal (exit code 130 or 143)."""
     check_args(args)  # again, for callers that skip the command line
+    default_allocator()  # before CUDA starts
     # -- set-up, in the order that fails fastest on bad input: data, processes, model, outputs --
     cache_dir = Path(args.cache_dir) if args.cache_dir else cache_root() / "cache"
     records, reg_records = (
@@ -618,18 +638,29 @@ def main(args: argparse.Namespace) -> Path:
     schedule = (args.prediction_type, args.zero_terminal_snr)  # None: as the model's config says
     # Text encoders that train are stored as the UNet is (bf16 on CUDA); frozen ones in fp16.
     text_dtype = precision.unet_dtype if args.train_text_encoder else precision.text_dtype
+    # Loaded into CPU memory; on the device is only what each phase needs. The caches are built
+    # before the UNet arrives (encoding full-size images in fp32 is the VAE's peak), and an encoder
+    # that a cache replaces leaves the device before it does (validation images borrow it back).
     parts = load_sdxl(
-        model_folder, precision.unet_dtype, dist.device, text_dtype, args.vae, *schedule
+        model_folder,
+        precision.unet_dtype,
+        "cpu",
+        text_dtype,
+        args.vae,
+        *schedule,
+        args.vae_tile_size,
     )
     share = lora_file_metadata(config, records, parts.schedule) if args.use_lora else {}
     cached = (args.cache_latents, args.cache_text_embeddings)
     chunks = args.max_token_length // 75  # captions are encoded in chunks of 75 tokens
+    parts.vae.to(dist.device)
+    parts.text_encoder.to(dist.device)
     (data, val_data, reg_data), encode_images, encode_text = encoders(
         parts, [data, val_data, reg_data], *cached, cache_dir, dist, chunks
     )
-    if all(cached) and not prompts:
-        parts.vae.to("cpu")  # not needed on the device any more
-        parts.text_encoder.to("cpu")
+    parts.vae.to("cpu" if args.cache_latents else dist.device)
+    parts.text_encoder.to("cpu" if args.cache_text_embeddings else dist.device)
+    parts.unet.to(dist.device)
     tr = build_trainer(args, parts, encode_images, encode_text, precision, dist, max_steps)
     state = TrainState()
     if resume is not None:

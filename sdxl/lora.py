@@ -25,7 +25,6 @@ import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
 from typing import cast
 
 import torch
@@ -34,6 +33,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from sdxl.errors import UserError
+from sdxl.frozen import FrozenLayer
 from sdxl.options import TARGET_MODES
 
 
@@ -145,7 +145,7 @@ class LoRA(nn.Module):
 
     def output(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
         """The adapted layer's output."""
-        return layer.op(x, layer.weight, layer.bias) + self(x)
+        return layer.op(x, layer.base_weight(x.dtype), layer.bias) + self(x)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The base weight with the update folded in (fp32)."""
@@ -184,11 +184,11 @@ class DoRA(LoRA):
         self.magnitude = nn.Parameter(channel_norm(base.weight.detach().float()).to(dtype))
 
     def output(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
-        norm = channel_norm(super().merged_weight(layer.weight)).detach()
+        norm = channel_norm(super().merged_weight(layer.base_weight(torch.float32))).detach()
         scale = layer.per_channel((self.magnitude / norm).to(x.dtype))
         # s (W x + dW x) + b, written as peft writes it: with s = 1 (a fresh adapter) it adds
         # exact zeros to the base layer's output.
-        base = layer.op(x, layer.weight, layer.bias)
+        base = layer.op(x, layer.base_weight(x.dtype), layer.bias)
         plain = base if layer.bias is None else base - layer.per_channel(layer.bias)
         return base + (scale - 1) * plain + scale * self(x)
 
@@ -236,7 +236,8 @@ class DoRAOnInputs(DoRA):
 
     def output(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
         # A scale per input channel does not factor out of the output: use the whole weight.
-        return layer.op(x, self.merged_weight(layer.weight).to(x.dtype), layer.bias)
+        merged = self.merged_weight(layer.base_weight(torch.float32))
+        return layer.op(x, merged.to(x.dtype), layer.bias)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         merged = LoRA.merged_weight(self, weight)
@@ -248,33 +249,22 @@ class DoRAOnInputs(DoRA):
 ADAPTERS: dict[str, type[LoRA]] = {"lora": LoRA, "dora": DoRA}
 
 
-class AdaptedLayer(nn.Module):
+class AdaptedLayer(FrozenLayer):
     """A frozen Linear or Conv2d plus its adapter. The base parameters keep the names `weight` and
     `bias`, so the model's state-dict keys are unchanged by the wrapping."""
 
     def __init__(self, base: nn.Linear | nn.Conv2d, lora: LoRA):
-        super().__init__()
-        self.weight, self.bias = base.weight, base.bias
-        self.conv = isinstance(base, nn.Conv2d)
-        self.op: Callable[..., torch.Tensor] = F.linear
-        if isinstance(base, nn.Conv2d):
-            assert base.padding_mode == "zeros" and base.groups == 1, "SDXL's convolutions"
-            self.op = partial(
-                F.conv2d, stride=base.stride, padding=base.padding, dilation=base.dilation
-            )
+        super().__init__(base)
         self.lora = lora
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lora.output(self, x)
 
-    def per_channel(self, v: torch.Tensor) -> torch.Tensor:
-        """A per-output-channel vector shaped to scale this layer's output."""
-        return v.reshape(-1, 1, 1) if self.conv else v
-
     @torch.no_grad()
     def merged(self, strength: float = 1.0) -> nn.Module:
         """The plain layer with the adapter folded into its weight (for inference: one matmul
         instead of three, and room for another LoRA), at `strength` (W + strength * (W' - W))."""
+        assert self.weight_scale is None, "merge LoRAs before storing the base in fp8"
         w = self.weight
         merged = self.lora.merged_weight(w)
         if strength != 1.0:  # part of the way from W to W'

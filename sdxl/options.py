@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import tomllib
 from collections.abc import Callable
@@ -38,6 +39,10 @@ POSITIVE: Rule = (lambda v: v > 0, "positive")
 FRACTION: Rule = (lambda v: 0 <= v <= 1, "between 0 and 1")
 BELOW_1: Rule = (lambda v: 0 <= v < 1, "at least 0 and below 1")
 MULTIPLE_OF_8: Rule = (lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8 (the VAE's)")
+TILE_SIZE: Rule = (lambda v: v == 0 or (v >= 128 and v % 64 == 0), "0 or a multiple of 64 from 128")
+# Tiles of the VAE, in pixels: above this an image is encoded or decoded in overlapping tiles
+# (sdxl/vae.py). 512 keeps a 1024 px image's VAE activations to about a quarter.
+VAE_TILE_SIZE = 512
 
 
 def flag(dest: str, hyphens: bool) -> str:
@@ -154,3 +159,14 @@ def check_file(path: str | Path | None, name: str) -> None:
 def check_folder(path: str | Path | None, name: str) -> None:
     if path is not None and not Path(path).is_dir():
         raise UserError(f"{name} {path} does not exist (or is not a folder)")
+
+
+def default_allocator() -> str:
+    """PyTorch's CUDA allocator with expandable segments: a segment grows in place instead of a new
+    one being reserved, so blocks of changing sizes (buckets, VAE tiles, the caches' phase and then
+    the UNet's) leave less reserved and unused. Set only if the user has not configured the
+    allocator, and before CUDA starts (the scripts call it first). Returns the setting in force."""
+    user = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", os.environ.get("PYTORCH_ALLOC_CONF"))
+    if user is None:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = user = "expandable_segments:True"
+    return user

@@ -190,11 +190,13 @@ def load_sdxl(
     vae_folder: Path | None = None,
     prediction_type: str | None = None,
     zero_terminal_snr: bool | None = None,
+    vae_tile_size: int = 0,
 ) -> SDXLParts:
     """Every component of a checked SDXL folder or single file: UNet in `unet_dtype`, VAE in fp32,
     text encoders in fp16 on CUDA (fp32 on the CPU) unless `text_dtype` says otherwise. The noise
     schedule follows the scheduler config (the shipped one for a single file), with the prediction
-    type and zero terminal SNR overridden when given (a v-prediction fine-tune may not say so)."""
+    type and zero terminal SNR overridden when given (a v-prediction fine-tune may not say so).
+    The VAE tiles images above `vae_tile_size` pixels (0: never; see sdxl/vae.py)."""
     if text_dtype is None:
         text_dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     configs = config_folder(folder)
@@ -213,6 +215,7 @@ def load_sdxl(
         vae = SDXLVAE.from_pretrained(vae_source, torch.float32, device)
     else:
         vae_source, vae = folder, SDXLVAE(load_vae_file(folder, configs, device))
+    vae.set_tile_size(vae_tile_size)
     schedule_config = configs / "scheduler" / "scheduler_config.json"
     return SDXLParts(
         unet=unet,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from sampling.inference import Pipeline, generate_unique_batch, image_grid
 from sdxl.diffusion import NoiseSchedule
 from sdxl.errors import UserError
 from sdxl.files import atomic_write
+from sdxl.frozen import store_in_fp8
 from sdxl.lora import (
     apply_lora_to_text_encoders,
     apply_lora_to_unet,
@@ -177,6 +178,8 @@ def make_trainable(args: argparse.Namespace, parts: SDXLParts) -> dict[str, torc
         block_ranks=args.block_dims,
         block_alphas=args.block_alphas,
     )
+    if args.fp8_base:  # after the adapters, which stay in fp32 (sdxl/frozen.py)
+        store_in_fp8(parts.unet)
     if not args.train_text_encoder:
         return components(parts.unet)
     rank, alpha, dropout = args.lora_rank, args.lora_alpha, args.lora_dropout
@@ -349,6 +352,20 @@ def validate(
     return float(torch.stack(losses).mean()) if losses else 0.0
 
 
+@contextlib.contextmanager
+def borrowed(device: torch.device, *modules: torch.nn.Module) -> Iterator[None]:
+    """The modules on `device` for the duration, then back where they were: the encoders that
+    caches keep off the device, for validation images."""
+    homes = [next(m.parameters()).device for m in modules]
+    for m in modules:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m, home in zip(modules, homes):
+            m.to(home)
+
+
 def validation_images(
     tr: Trainer, parts: SDXLParts, prompts: list[str], args: argparse.Namespace, path: Path
 ) -> None:
@@ -360,7 +377,8 @@ def validation_images(
     pipe = Pipeline(tr.unet, parts.text_encoder, parts.vae, parts.schedule, tr.device, dtype)
     seeds = [args.seed + i for i in range(len(prompts))]
     size, steps = args.image_size, args.validation_sampling_steps
-    images = generate_unique_batch(pipe, prompts, seeds, size, size, steps)
+    with borrowed(tr.device, parts.text_encoder, parts.vae):
+        images = generate_unique_batch(pipe, prompts, seeds, size, size, steps)
     if tr.ema is not None:
         tr.ema.swap()
     with atomic_write(path) as tmp:
