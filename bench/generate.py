@@ -2,7 +2,7 @@
 
 Same model folder (tiny, the mid-size random SDXL, or real weights), sampler (Euler), steps, guidance,
 size and batch. Each side runs in its own process, alternating A B A B; prints images/s, peak memory
-(VmHWM on the CPU, max_memory_allocated on CUDA) and the ratios ours / reference.
+(VmHWM on the CPU, max_memory_reserved on CUDA) and the ratios ours / reference.
 
     uv run python bench/generate.py --model tiny --image_size 64 --steps 10 --batch_size 4
     uv run python bench/generate.py --model mid --image_size 256 --steps 10 --batch_size 2
@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.train_throughput import mid_sdxl  # noqa: E402
 from bench.unet_step import proc_status  # noqa: E402
+from sdxl.options import VAE_TILE_SIZE  # noqa: E402
 from sdxl.pretrained import resolve_model  # noqa: E402
 from training.precision_util import resolve_device, resolve_precision  # noqa: E402
 
@@ -48,7 +49,8 @@ def child(args: argparse.Namespace) -> None:
         from sampling.inference import Pipeline, generate_unique_batch
         from sdxl.pretrained import load_sdxl
 
-        parts = load_sdxl(folder, dtype, device)
+        # the VAE tiles as generate_images.py does by default (the reference does not tile)
+        parts = load_sdxl(folder, dtype, device, vae_tile_size=args.vae_tile_size)
         parts.unet.to(memory_format=torch.channels_last)
         pipe = Pipeline(parts.unet, parts.text_encoder, parts.vae, parts.schedule, device, dtype)
 
@@ -85,7 +87,8 @@ def child(args: argparse.Namespace) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else proc_status("VmHWM")
+    # max_memory_reserved on CUDA: what the card must have (allocated plus the allocator's slack)
+    peak = torch.cuda.max_memory_reserved() if device.type == "cuda" else proc_status("VmHWM")
     print(json.dumps({"times": times, "peak": peak}))
 
 
@@ -108,6 +111,8 @@ def main(args: argparse.Namespace) -> None:
                 str(args.batch_size),
                 "--repeats",
                 str(args.repeats),
+                "--vae_tile_size",
+                str(args.vae_tile_size),
             ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             results[side].append(json.loads(out.strip().splitlines()[-1]))
@@ -168,6 +173,12 @@ if __name__ == "__main__":
         help="time generate_images.py with and without its writer pool instead",
     )
     p.add_argument("--num_images", type=int, default=64, help="images per run (--writer_pool)")
+    p.add_argument(
+        "--vae_tile_size",
+        type=int,
+        default=VAE_TILE_SIZE,
+        help="our VAE's tile size, as generate_images.py's default (0: untiled, as the reference)",
+    )
     p.add_argument("--side", choices=["ours", "ref"], help=argparse.SUPPRESS)
     a = p.parse_args()
     writer_pool(a) if a.writer_pool else child(a) if a.side else main(a)

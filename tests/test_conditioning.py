@@ -99,7 +99,9 @@ def test_vae_round_trip_matches_autoencoderkl(tiny_model, tiny_pipeline):
     with torch.no_grad():
         ref_decoded = ref.decode(ref_latents / 0.13025).sample
     assert decoded.shape == images.shape and decoded.dtype == torch.float32
-    torch.testing.assert_close(decoded, ref_decoded, rtol=0, atol=1e-6)
+    # Ours decodes image by image, the reference the batch: only the summation order differs
+    # (measured 7.5e-6 at most).
+    torch.testing.assert_close(decoded, ref_decoded, rtol=0, atol=2e-5)
 
 
 def test_load_sdxl_on_tiny_folder(tiny_model):
