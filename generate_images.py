@@ -345,6 +345,8 @@ def main(args: argparse.Namespace) -> Path:
         "vae": str(Path(args.vae).resolve()) if args.vae else None,
         "loras": [[str(path.resolve()), scale] for path, scale in adapters],
         "precision": precision.name,
+        "fp8_base": args.fp8_base,
+        "vae_tile_size": args.vae_tile_size,  # tiled images differ a little from whole ones
         "output": [
             args.output_format,
             args.image_format,

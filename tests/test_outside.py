@@ -94,6 +94,9 @@ def test_01_generation_refuses_a_folder_made_with_other_settings(tiny_model, tmp
     with pytest.raises(UserError, match=r"other settings \(prompts_sha256\)"):
         gen(tiny_model, out, "--prompt", "a blue square", "--num-images", "2", "--seed", "5")
     assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png"]
+    # The VAE's tiling and an fp8 base change the images too.
+    with pytest.raises(UserError, match=r"other settings \(fp8_base, vae_tile_size\)"):
+        gen(tiny_model, out, "--prompt", "a red circle", "--fp8-base", "--vae-tile-size", "0")
     gen(tiny_model, out, "--prompt", "a blue square", "--num-images", "1", "--overwrite")
     assert sorted(p.name for p in out.glob("0*")) == ["00000.json", "00000.png", "00000.txt"]
     assert (out / "00000.txt").read_text().strip() == "a blue square"
