@@ -380,8 +380,8 @@ def main(args: argparse.Namespace) -> Path:
 
     # -- models ----------------------------------------------------------------------------------
     if todo:
-        # The text encoders stay on the device: each batch needs them, and moving 1.6 GiB
-        # there and back per batch would cost more time than encoding takes.
+        # The text encoders stay on the device: each batch needs them, and moving their 1.6 GiB
+        # there and back for every batch would add a transfer to each batch (not yet measured).
         parts = load_sdxl(
             model_folder,
             precision.unet_dtype,
@@ -391,8 +391,8 @@ def main(args: argparse.Namespace) -> Path:
             *schedule_flags,
             args.vae_tile_size,
         )
+        models = components(parts.unet, parts.text_encoder)
         for lora, scale in adapters:  # each merged into the weights, one after the other
-            models = components(parts.unet, parts.text_encoder)
             apply_lora(models, read_lora_weights(lora, parts.unet), scale)
         if args.fp8_base:  # after the merges, which need the weights in full precision
             store_in_fp8(parts.unet)

@@ -542,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolved_config(
-    args: argparse.Namespace, model: Path, precision: str, dist: Distributed
+    args: argparse.Namespace, model: Path, precision: str, dist: Distributed, alloc_conf: str
 ) -> dict:
     """What config.json and every checkpoint record of the run: the flags, with paths made absolute,
     and what was resolved from them. Plain values only, as weights_only loading requires."""
@@ -553,7 +553,7 @@ def resolved_config(
         "resolved_precision": precision,
         "resolved_device": str(dist.device),
         "processes": dist.world,
-        "cuda_alloc_conf": default_allocator(),
+        "cuda_alloc_conf": alloc_conf,
     }
 
 
@@ -607,7 +607,7 @@ def main(args: argparse.Namespace) -> Path:
     """Train; returns the path of the last checkpoint written. A run stopped by SIGINT or SIGTERM
     saves a checkpoint, then raises StoppedBySignal (exit code 130 or 143)."""
     check_args(args)  # again, for callers that skip the command line
-    default_allocator()  # before CUDA starts
+    alloc_conf = default_allocator()  # before CUDA starts
     # -- set-up, in the order that fails fastest on bad input: data, processes, model, outputs --
     cache_dir = Path(args.cache_dir) if args.cache_dir else cache_root() / "cache"
     records, reg_records = (
@@ -629,7 +629,7 @@ def main(args: argparse.Namespace) -> Path:
     output_dir = Path(args.output_dir)
     # One run per folder: a folder that holds another run is refused (see --overwrite).
     lock = claim_output_dir(output_dir, args.resume, args.overwrite) if dist.main else None
-    config = resolved_config(args, model_folder, precision.name, dist)
+    config = resolved_config(args, model_folder, precision.name, dist, alloc_conf)
     if dist.main:
         write_json(config, output_dir / "config.json")
 

@@ -171,17 +171,18 @@ class DoRA(LoRA):
     trained magnitude per output channel times the direction (W + dW) / ||W + dW||. The norm is
     detached from the gradient, as the paper's section 4.3 and peft do."""
 
-    def __init__(
-        self,
-        base: nn.Linear | nn.Conv2d,
-        rank: int,
-        alpha: float,
-        dropout: float = 0.0,
-        dtype: torch.dtype = torch.float32,
-    ):
-        super().__init__(base, rank, alpha, dropout, dtype)
+    norm = staticmethod(channel_norm)  # the weight's norm, one value per magnitude
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, *args, **kwargs):
+        super().__init__(base, *args, **kwargs)
         # ||W||, so that with up = 0 the layer is unchanged.
-        self.magnitude = nn.Parameter(channel_norm(base.weight.detach().float()).to(dtype))
+        magnitude = self.norm(base.weight.detach().float()).to(self.up.weight.dtype)
+        self.magnitude = nn.Parameter(magnitude)
+
+    @staticmethod
+    def along_channels(v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """A magnitude-shaped vector, shaped to scale the weight: (out,) -> (out, 1[, 1, 1])."""
+        return v.reshape(-1, *[1] * (weight.dim() - 1))
 
     def output(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
         norm = channel_norm(super().merged_weight(layer.base_weight(torch.float32))).detach()
@@ -193,9 +194,9 @@ class DoRA(LoRA):
         return base + (scale - 1) * plain + scale * self(x)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        merged = super().merged_weight(weight)
-        scale = self.magnitude.float() / channel_norm(merged)
-        return merged * scale.reshape(-1, *[1] * (merged.dim() - 1))
+        merged = super().merged_weight(weight)  # LoRA's: W + dW
+        scale = self.magnitude.float() / self.norm(merged).detach()
+        return merged * self.along_channels(scale, merged)
 
     def adapter(self) -> Adapter:
         return Adapter(
@@ -223,26 +224,17 @@ class DoRAOnInputs(DoRA):
     """DoRA with one magnitude per input channel, (1, in): what OneTrainer writes by default and
     older LyCORIS wrote, and ComfyUI reads. Only read from files; training makes DoRA."""
 
-    def __init__(
-        self,
-        base: nn.Linear | nn.Conv2d,
-        rank: int,
-        alpha: float,
-        dropout: float = 0.0,
-        dtype: torch.dtype = torch.float32,
-    ):
-        LoRA.__init__(self, base, rank, alpha, dropout, dtype)
-        self.magnitude = nn.Parameter(input_channel_norm(base.weight.detach().float()).to(dtype))
+    norm = staticmethod(input_channel_norm)
+
+    @staticmethod
+    def along_channels(v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """(1, in) -> (1, in[, 1, 1])"""
+        return v.reshape(1, -1, *[1] * (weight.dim() - 2))
 
     def output(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
         # A scale per input channel does not factor out of the output: use the whole weight.
         merged = self.merged_weight(layer.base_weight(torch.float32))
         return layer.op(x, merged.to(x.dtype), layer.bias)
-
-    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        merged = LoRA.merged_weight(self, weight)
-        scale = self.magnitude.float() / input_channel_norm(merged).detach()  # (1, in)
-        return merged * scale.reshape(1, -1, *[1] * (merged.dim() - 2))
 
 
 # The kinds of adapter, by the name --lora_type... chooses. A new kind: a subclass of LoRA, and here.

@@ -60,6 +60,10 @@ class SDXLVAE(nn.Module):
         )
         return cls(vae.to(device))
 
+    def tiles(self, images: torch.Tensor) -> bool:
+        """Whether images of this size (..., H, W) are encoded in tiles (as diffusers decides)."""
+        return self.tile_size > 0 and max(images.shape[-2:]) > self.tile_size
+
     @torch.no_grad()
     def moments(self, images: torch.Tensor) -> torch.Tensor:
         """The posterior q(z | x) as (B, 2 * 4, H/8, W/8): mean, then log-variance (clamped)."""

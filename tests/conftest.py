@@ -34,6 +34,39 @@ def train_argv(model: Path, output_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+def unet_inputs(seed: int = 0, batch: int = 2):
+    """Inputs of the tiny UNet: latents (B, 4, 8, 8), timesteps, context (B, 77, 96) and the added
+    conditioning, from `seed`."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 8, 8, generator=g)
+    ctx = torch.randn(batch, 77, 96, generator=g)
+    cond = {
+        "text_embeds": torch.randn(batch, 64, generator=g),
+        "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch),
+    }
+    return x, torch.tensor([100, 700][:batch]), ctx, cond
+
+
+def randomize_adapters(model, seed: int = 1) -> None:
+    """Non-zero adapters, ours or peft's: up and down random, DoRA magnitudes moved off ||W||."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    changed = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("magnitude") or "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
+            elif ".lora." in name or ".lora_A." in name or ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            else:
+                continue
+            changed += 1
+    assert changed, "no adapter parameters to randomize"
+
+
 def tiny_unet_config() -> dict:
     """An SDXL-structured diffusers unet config with small widths (3 levels, 2 layers per level)."""
     return {

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import ROOT, SDXL_CONFIGS, train_argv
+from conftest import ROOT, SDXL_CONFIGS, randomize_adapters, train_argv, unet_inputs
 from diffusers import StableDiffusionXLPipeline
 from diffusers import UNet2DConditionModel as DiffusersUNet
 from peft import LoraConfig
@@ -40,36 +40,20 @@ from training.checkpoint import load_checkpoint
 PROMPTS = ["a red circle on a white background", "a blue square"]
 
 
-def inputs(seed: int = 0, batch: int = 2):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 4, 8, 8, generator=g)
-    ctx = torch.randn(batch, 77, 96, generator=g)
-    cond = {
-        "text_embeds": torch.randn(batch, 64, generator=g),
-        "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch),
-    }
-    return x, torch.tensor([100, 700][:batch]), ctx, cond
-
-
-def randomize(model: torch.nn.Module, seed: int = 1) -> None:
-    """Non-zero adapters, ours or peft's: up and down random, DoRA magnitudes moved off ||W||."""
-    g = torch.Generator().manual_seed(seed)
-    changed = 0
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("magnitude") or "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
-            elif ".lora." in name or ".lora_A." in name or ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-            else:
-                continue
-            changed += 1
-    assert changed, "no adapter parameters to randomize"
-
-
 def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """fp32, the same weights: within 1e-5 of the largest value (the issue's bar)."""
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def assert_like_pipeline(parts, pipe) -> None:
+    """Our UNet and text encoders give the diffusers pipeline's outputs (`close`)."""
+    x, t, ctx, cond = unet_inputs()
+    with torch.no_grad():
+        close(parts.unet(x, t, ctx, cond), pipe.unet(x, t, ctx, added_cond_kwargs=cond).sample)
+        context, _, pooled, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False)
+        ours_context, ours_pooled = parts.text_encoder.encode(PROMPTS)
+    close(ours_context, context)
+    close(ours_pooled, pooled)
 
 
 KINDS = {  # name: apply_lora_to_unet keywords
@@ -92,7 +76,7 @@ def test_outputs_and_gradients_match_peft(tiny_model, unet, kind):
     """The same initial weights in peft (on diffusers' UNet) and in ours: the same outputs and
     gradients, for LoRA on convolutions and DoRA on Linear and Conv2d layers."""
     names = apply_lora_to_unet(unet, 4, 8, "attention", **KINDS[kind])
-    randomize(unet)
+    randomize_adapters(unet)
     ref = DiffusersUNet.from_pretrained(tiny_model / "unet")
     ref.add_adapter(
         LoraConfig(
@@ -111,7 +95,7 @@ def test_outputs_and_gradients_match_peft(tiny_model, unet, kind):
                 theirs.copy_(p.reshape(theirs.shape))
                 pairs.append((p, theirs))
     assert any(".resnets." in n for n in names) == ("conv" in kind)
-    x, t, ctx, cond = inputs()
+    x, t, ctx, cond = unet_inputs()
     ours = unet(x, t, ctx, cond)
     theirs = ref(x, t, ctx, added_cond_kwargs=cond).sample
     close(ours, theirs)
@@ -128,14 +112,14 @@ def test_outputs_and_gradients_match_peft(tiny_model, unet, kind):
 def test_invariants_of_each_kind(tiny_model, unet, kind, tmp_path):
     """A fresh adapter changes nothing, only adapters get gradients, merged equals unmerged, and
     the round trip through every file format is exact."""
-    x, t, ctx, cond = inputs()
+    x, t, ctx, cond = unet_inputs()
     with torch.no_grad():
         before = unet(x, t, ctx, cond)
     base = {k: v.clone() for k, v in unet.state_dict().items()}
     apply_lora_to_unet(unet, 4, 8, "attention", **KINDS[kind])
     with torch.no_grad():
         assert torch.equal(unet(x, t, ctx, cond), before)
-    randomize(unet)
+    randomize_adapters(unet)
     out = unet(x, t, ctx, cond)
     out.square().mean().backward()
     for name, p in unet.named_parameters():
@@ -198,7 +182,7 @@ def test_dora_with_a_magnitude_per_input_channel(tiny_model, unet, tmp_path):
     modules = read_lora_file(tmp_path / "onetrainer.safetensors", unet)
     assert all(a.magnitude is not None and a.magnitude.shape[0] == 1 for a in modules.values())
     attach_lora({"unet": unet}, modules)
-    x, t, ctx, cond = inputs()
+    x, t, ctx, cond = unet_inputs()
     with torch.no_grad():
         theirs = ref(x, t, ctx, added_cond_kwargs=cond).sample
         close(unet(x, t, ctx, cond), theirs)
@@ -224,7 +208,7 @@ def test_text_encoder_invariants_and_round_trip(tiny_model, tmp_path):
     assert any(f"text_encoder_2.text_model.encoder.layers.{last}." in n for n in names)
     assert all(torch.equal(a, b) for a, b in zip(text.encode(PROMPTS), before))
     models = {"text_encoder": text.text_encoder, "text_encoder_2": text.text_encoder_2}
-    randomize(text)
+    randomize_adapters(text)
     context, pooled = text.encode(PROMPTS)
     (context.square().mean() + pooled.square().mean()).backward()
     for model in models.values():
@@ -250,10 +234,10 @@ def test_our_files_in_diffusers_load_lora_weights(tiny_model, tmp_path, fmt, kin
     our UNet's and text encoders' outputs, where diffusers supports the kind."""
     parts = load_sdxl(tiny_model, torch.float32)
     apply_lora_to_unet(parts.unet, 4, 8, "attention", **KINDS.get(kind, {}))
-    randomize(parts.unet)
+    randomize_adapters(parts.unet)
     if kind == "text":
         apply_lora_to_text_encoders(parts.text_encoder, 4, 8)
-        randomize(parts.text_encoder, seed=2)
+        randomize_adapters(parts.text_encoder, seed=2)
     path = tmp_path / "lora.safetensors"
     save_lora_file(path, export_adapters(components(parts.unet, parts.text_encoder)), fmt, {})
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model, dtype=torch.float32)
@@ -266,13 +250,7 @@ def test_our_files_in_diffusers_load_lora_weights(tiny_model, tmp_path, fmt, kin
         assert "DoRA checkpoint that is not compatible" in caplog.text
         return
     pipe.load_lora_weights(path)
-    x, t, ctx, cond = inputs()
-    with torch.no_grad():
-        close(parts.unet(x, t, ctx, cond), pipe.unet(x, t, ctx, added_cond_kwargs=cond).sample)
-        context, _, pooled, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False)
-        ours_context, ours_pooled = parts.text_encoder.encode(PROMPTS)
-    close(ours_context, context)
-    close(ours_pooled, pooled)
+    assert_like_pipeline(parts, pipe)
 
 
 # -- key coverage on the full-size SDXL -------------------------------------------------------------
@@ -516,9 +494,9 @@ def test_a_kohya_file_with_text_encoder_conv_and_dora_keys_loads_fully(tiny_mode
     for encoder in (pipe.text_encoder, pipe.text_encoder_2):
         # transformers' own add_adapter wants a newer peft than diffusers does; inject directly
         inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=text_targets), encoder)
-    randomize(pipe.unet)
-    randomize(pipe.text_encoder, 2)
-    randomize(pipe.text_encoder_2, 3)
+    randomize_adapters(pipe.unet)
+    randomize_adapters(pipe.text_encoder, 2)
+    randomize_adapters(pipe.text_encoder_2, 3)
     state = {}
     for prefix, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
         state |= {f"{prefix}.{k}": v for k, v in get_peft_model_state_dict(model).items()}
@@ -541,13 +519,7 @@ def test_a_kohya_file_with_text_encoder_conv_and_dora_keys_loads_fully(tiny_mode
     attach_lora(components(parts.unet, parts.text_encoder), modules)
     assert {k.split(".")[0] for k in modules} == {"unet", "text_encoder", "text_encoder_2"}
     assert any(isinstance(layer.lora, DoRA) and layer.conv for _, layer in lora_modules(parts.unet))
-    x, t, ctx, cond = inputs()
-    with torch.no_grad():
-        close(parts.unet(x, t, ctx, cond), pipe.unet(x, t, ctx, added_cond_kwargs=cond).sample)
-        context, _, pooled, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False)
-        ours_context, ours_pooled = parts.text_encoder.encode(PROMPTS)
-    close(ours_context, context)
-    close(ours_pooled, pooled)
+    assert_like_pipeline(parts, pipe)
     from sdxl.errors import UserError
 
     nowhere = {"lora_unet_nowhere_9.lora_down.weight": torch.zeros(4, 8)}

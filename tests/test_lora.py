@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_adapters, unet_inputs
 from diffusers import StableDiffusionXLPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
@@ -23,26 +24,8 @@ from sdxl.lora_formats import read_lora_file, save_lora_file
 from sdxl.unet import UNet2DConditionModel, load_unet
 
 
-def inputs(seed: int = 0, batch: int = 2):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 4, 8, 8, generator=g)
-    ctx = torch.randn(batch, 77, 96, generator=g)
-    cond = {
-        "text_embeds": torch.randn(batch, 64, generator=g),
-        "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch),
-    }
-    return x, torch.tensor([100, 700][:batch]), ctx, cond
-
-
 def adapter_parameters(unet) -> list[torch.nn.Parameter]:
     return [p for n, p in unet.named_parameters() if ".lora." in n]
-
-
-def randomize_adapters(unet, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapter_parameters(unet):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 @pytest.fixture
@@ -51,7 +34,7 @@ def unet(tiny_model):
 
 
 def test_fresh_adapter_is_a_noop(unet):
-    x, t, ctx, cond = inputs()
+    x, t, ctx, cond = unet_inputs()
     with torch.no_grad():
         before = unet(x, t, ctx, cond)
         wrapped = apply_lora_to_unet(unet, rank=4, alpha=8, target_mode="attention")
@@ -69,7 +52,7 @@ def test_only_adapters_train_and_base_is_untouched(unet):
     # The state dict has the adapters' weights, and their alphas (buffers).
     assert trainable == {n for n in get_lora_state_dict(unet) if not n.endswith(".alpha")}
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-2)
-    x, t, ctx, cond = inputs()
+    x, t, ctx, cond = unet_inputs()
     unet(x, t, ctx, cond).square().mean().backward()
     grads = {n: p.grad for n, p in unet.named_parameters()}
     assert all(grads[n] is not None for n in trainable)
@@ -144,7 +127,7 @@ def test_save_load_round_trip_exact(tiny_model, unet):
     other = load_unet(tiny_model / "unet")
     apply_lora_to_unet(other, rank=4, alpha=8)
     load_lora_state_dict(other, state)
-    x, t, ctx, cond = inputs()
+    x, t, ctx, cond = unet_inputs()
     with torch.no_grad():
         assert torch.equal(unet(x, t, ctx, cond), other(x, t, ctx, cond))
 
@@ -168,7 +151,7 @@ def test_load_rejects_other_rank_and_targets(tiny_model, unet):
 def test_merge_equals_unmerged_and_merges_once(unet):
     apply_lora_to_unet(unet, rank=4, alpha=16, target_mode="all")
     randomize_adapters(unet)
-    x, t, ctx, cond = inputs()
+    x, t, ctx, cond = unet_inputs()
     with torch.no_grad():
         unmerged = unet(x, t, ctx, cond)
         merge_lora(unet)
@@ -216,7 +199,7 @@ def test_exported_file_loads_in_diffusers(tmp_path, tiny_model, unet, fmt, mode)
     save_lora_file(path, modules, fmt, {"rank": 4, "alpha": 12, "target_mode": mode})
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model, dtype=torch.float32)
     pipe.load_lora_weights(path)
-    x, t, ctx, cond = inputs()
+    x, t, ctx, cond = unet_inputs()
     with torch.no_grad():
         ours = unet(x, t, ctx, cond)
     ref = diffusers_unet_output(pipe, x, t, ctx, cond)
@@ -237,7 +220,7 @@ def test_own_files_load_back(tmp_path, tiny_model, unet, fmt):
     save_lora_file(path, modules, fmt, {"rank": 4, "alpha": 2, "target_mode": "all"})
     other = load_unet(tiny_model / "unet")
     attach_lora({"unet": other}, read_lora_file(path, other))
-    x, t, ctx, cond = inputs()
+    x, t, ctx, cond = unet_inputs()
     with torch.no_grad():
         assert torch.equal(unet(x, t, ctx, cond), other(x, t, ctx, cond))
 
@@ -265,7 +248,7 @@ def test_diffusers_written_file_loads_into_ours(tmp_path, tiny_model, unet):
         tmp_path, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict()
     )
     attach_lora({"unet": unet}, read_lora_file(tmp_path / "pytorch_lora_weights.safetensors", unet))
-    x, t, ctx, cond = inputs()
+    x, t, ctx, cond = unet_inputs()
     with torch.no_grad():
         ours = unet(x, t, ctx, cond)
     ref = diffusers_unet_output(pipe, x, t, ctx, cond)
@@ -281,7 +264,7 @@ def test_kohya_file_from_diffusers_converter_loads_into_ours(tmp_path, tiny_mode
     assert all(k.startswith("lora_unet_down_blocks_") or k.startswith("lora_unet_") for k in kohya)
     save_file({k: v.contiguous() for k, v in kohya.items()}, tmp_path / "kohya.safetensors")
     attach_lora({"unet": unet}, read_lora_file(tmp_path / "kohya.safetensors", unet))
-    x, t, ctx, cond = inputs()
+    x, t, ctx, cond = unet_inputs()
     with torch.no_grad():
         ours = unet(x, t, ctx, cond)
     ref = diffusers_unet_output(pipe, x, t, ctx, cond)

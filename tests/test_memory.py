@@ -6,7 +6,7 @@ import json
 import os
 
 import torch
-from conftest import train_argv
+from conftest import train_argv, unet_inputs
 from diffusers import AutoencoderKL
 
 import train_sdxl
@@ -57,6 +57,7 @@ def test_tiles_above_the_tile_size(tiny_model):
         assert moments.shape == (2, 8, 32, 32) and torch.isfinite(moments).all()
         assert not torch.equal(moments, whole.moments(x))
         small = images(2, 128)
+        assert vae.tiles(x) and not vae.tiles(small) and not whole.tiles(x)
         assert torch.equal(vae.moments(small), whole.moments(small))
         assert torch.equal(vae.decode(z[:, :, :16, :16]), whole.decode(z[:, :, :16, :16]))
 
@@ -114,17 +115,6 @@ def test_caches_are_built_before_the_unet_reaches_the_device(tiny_model, tmp_pat
 
 
 # -- fp8 storage of the frozen UNet --------------------------------------------------------------
-
-
-def unet_inputs(batch: int = 2):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 4, 8, 8, generator=g)
-    ctx = torch.randn(batch, 77, 96, generator=g)
-    cond = {
-        "text_embeds": torch.randn(batch, 64, generator=g),
-        "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch),
-    }
-    return x, torch.tensor([100, 700][:batch]), ctx, cond
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -90,12 +90,11 @@ class CachedLatents(TrainingData):
             mask_file = record.mask.read_bytes() if self.masked and record.mask else b""
             # A tiled encoding differs a little from a whole one: the tile size is part of the key
             # of the images it tiles (and of no other, so that older entries stay valid).
-            tiled = vae.tile_size and max(pixels.shape[-2:]) > vae.tile_size
             key = hashlib.sha256(
                 hashlib.sha256(content + mask_file).digest()
                 + f"{LATENT_CACHE_VERSION}{self.targets[i]}{time_ids.tolist()}{vae_id}".encode()
                 + (b"masked" if self.masked else b"")
-                + (f"tile{vae.tile_size}".encode() if tiled else b"")
+                + (f"tile{vae.tile_size}".encode() if vae.tiles(pixels) else b"")
             ).hexdigest()[:32]
             path = folder / f"{key}.safetensors"
             if not path.is_file():

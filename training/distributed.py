@@ -74,7 +74,7 @@ class Distributed:
             dist.all_reduce(flat)
             flat /= self.world
             for p, g in zip(params, flat.split([q.numel() for q in params])):
-                p.grad = g.view_as(p).clone()
+                p.grad = g.view_as(p)  # views of the one reduced buffer
 
         return average
 
