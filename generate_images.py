@@ -37,6 +37,7 @@ from sdxl.errors import UserError, run_cli
 from sdxl.options import (
     AT_LEAST_0,
     AT_LEAST_1,
+    CUDA_GRAPH_MODES,
     DEFAULT_MODEL,
     FRACTION,
     PRECISIONS,
@@ -259,6 +260,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="UNet precision (auto: bf16 on CUDA, fp32 on the CPU)",
     )
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    p.add_argument(
+        "--cuda-graph",
+        default="auto",
+        choices=CUDA_GRAPH_MODES,
+        help="replay the UNet call of each sampling step as a CUDA graph, one per batch and image "
+        "size (auto: on CUDA; off: eager)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet's ResNet and transformer blocks (a minute or two of "
+        "compiling at the first batch, then fused kernels; pixels differ slightly)",
+    )
     return p
 
 
@@ -269,7 +283,7 @@ if __name__ == "__main__":
 import torch
 from tqdm import tqdm
 
-from sampling.inference import Pipeline, apply_lora, generate_unique_batch
+from sampling.inference import Pipeline, apply_lora, fast_unet, generate_unique_batch
 from sampling.outputs import FolderWriter, ShardWriter, write_index
 from sdxl.diffusion import NoiseSchedule
 from sdxl.files import FolderLock, make_folder, remove_stale_tmp, write_json
@@ -346,6 +360,7 @@ def main(args: argparse.Namespace) -> Path:
         "loras": [[str(path.resolve()), scale] for path, scale in adapters],
         "precision": precision.name,
         "fp8_base": args.fp8_base,
+        "compile": args.compile,  # fused kernels round differently (graphs replay the same ones)
         "vae_tile_size": args.vae_tile_size,  # tiled images differ a little from whole ones
         "output": [
             args.output_format,
@@ -404,6 +419,9 @@ def main(args: argparse.Namespace) -> Path:
             parts.schedule,
             dist.device,
             precision.compute_dtype,
+            fast_unet(
+                parts.unet, args.cuda_graph == "auto" and dist.device.type == "cuda", args.compile
+            ),
         )
 
     # -- generation: the share's batches, each image written unless it already is ----------------

@@ -33,6 +33,7 @@ from sdxl.options import (
     AT_LEAST_1,
     BELOW_1,
     BLOCKS,
+    CUDA_GRAPH_MODES,
     DEFAULT_MODEL,
     FRACTION,
     LORA_FORMATS,
@@ -123,6 +124,8 @@ def check_args(args: argparse.Namespace) -> None:
             f"--bucket needs --image_size 64 or more (buckets have sides in multiples of 64), got {args.image_size}"
         )
     check_device(args.device, "--device")
+    if args.compile_backend != "inductor" and not args.compile:
+        raise UserError("--compile_backend chooses the backend of --compile; add --compile")
     check_model(args.pretrained_model, "--pretrained_model")
     check_folder(args.vae, "--vae")
     if args.validation_prompts is not None:
@@ -342,6 +345,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="recompute activations in backward (on by default: needed for <12 GB)",
     )
     g.add_argument("--device", default="auto", help="cuda, cpu, or auto")
+    g.add_argument(
+        "--cuda_graph",
+        default="auto",
+        choices=CUDA_GRAPH_MODES,
+        help="run the UNet step (forward, backward, clipping, optimizer) as replayed CUDA graphs, "
+        "one per input shape: auto = on CUDA where the options allow (one line says why not), "
+        "off = eager steps",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet's ResNet and transformer blocks (regional compilation: a "
+        "minute or two of compiling at the first step of each shape, then fused kernels)",
+    )
+    g.add_argument(
+        "--compile_backend",
+        default="inductor",
+        choices=["inductor", "aot_eager", "eager"],
+        help="torch.compile's backend for --compile (kohya's --dynamo_backend): inductor fuses "
+        "kernels; aot_eager only traces (a quick check that the model compiles)",
+    )
     g = p.add_argument_group("LoRA")
     g.add_argument(
         "--use_lora",
@@ -686,6 +710,8 @@ def main(args: argparse.Namespace) -> Path:
         ):
             # The step's one device sync: its losses (training, regularisation) and gradient norm.
             train_loss, reg_loss, grad_norm = torch.stack(train_step(tr, micro, reg_micro)).tolist()
+            # A graph's learning rate is a device tensor, filled before that sync: no wait here.
+            lr = float(tr.lr_scheduler.get_last_lr()[0])
             loss = train_loss + args.prior_loss_weight * reg_loss
             if not math.isfinite(loss):
                 raise TrainingError(
@@ -697,7 +723,7 @@ def main(args: argparse.Namespace) -> Path:
                 "step": state.step + 1,
                 "epoch": state.epoch,
                 "loss": loss,
-                "lr": tr.lr_scheduler.get_last_lr()[0],
+                "lr": lr,
                 "grad_norm": grad_norm,
                 "images_per_s": samples_per_step / (tick - tock),
                 **({"train_loss": train_loss, "reg_loss": reg_loss} if reg_data else {}),

@@ -2,7 +2,10 @@
 
 Same model folder (tiny, the mid-size random SDXL, or real weights), sampler (Euler), steps, guidance,
 size and batch. Each side runs in its own process, alternating A B A B; prints images/s, peak memory
-(VmHWM on the CPU, max_memory_reserved on CUDA) and the ratios ours / reference.
+(VmHWM on the CPU, max_memory_reserved on CUDA), the ratios to the reference, and each side's first
+batch (its warm-up: capturing the CUDA graphs, or compiling). Our sides: eager (--cuda-graph off),
+graph (the UNet call replayed as a CUDA graph, generate_images.py's default on CUDA) and
+compile+graph (--compile too); by default all of them on CUDA, eager on the CPU.
 
     uv run python bench/generate.py --model tiny --image_size 64 --steps 10 --batch_size 4
     uv run python bench/generate.py --model mid --image_size 256 --steps 10 --batch_size 2
@@ -45,14 +48,17 @@ def child(args: argparse.Namespace) -> None:
     folder = mid_sdxl() if args.model == "mid" else resolve_model(args.model)
     prompts = [f"a photo of object number {i}" for i in range(args.batch_size)]
     seeds = list(range(args.batch_size))
-    if args.side == "ours":
-        from sampling.inference import Pipeline, generate_unique_batch
+    if args.side != "ref":
+        from sampling.inference import Pipeline, fast_unet, generate_unique_batch
         from sdxl.pretrained import load_sdxl
 
         # the VAE tiles as generate_images.py does by default (the reference does not tile)
         parts = load_sdxl(folder, dtype, device, vae_tile_size=args.vae_tile_size)
         parts.unet.to(memory_format=torch.channels_last)
-        pipe = Pipeline(parts.unet, parts.text_encoder, parts.vae, parts.schedule, device, dtype)
+        call = fast_unet(parts.unet, "graph" in args.side, "compile" in args.side)
+        pipe = Pipeline(
+            parts.unet, parts.text_encoder, parts.vae, parts.schedule, device, dtype, call
+        )
 
         def run() -> None:
             generate_unique_batch(
@@ -77,7 +83,9 @@ def child(args: argparse.Namespace) -> None:
                 output_type="pt",
             )
 
-    run()  # warm-up
+    start = time.perf_counter()
+    run()  # warm-up: the graphs' capture, the compiling
+    first = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -89,13 +97,22 @@ def child(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - start)
     # max_memory_reserved on CUDA: what the card must have (allocated plus the allocator's slack)
     peak = torch.cuda.max_memory_reserved() if device.type == "cuda" else proc_status("VmHWM")
-    print(json.dumps({"times": times, "peak": peak}))
+    print(json.dumps({"times": times, "peak": peak, "first": first}))
+
+
+SIDES = {
+    "ours": "ours, eager",
+    "ours-graph": "ours, CUDA graph",
+    "ours-compile+graph": "ours, compile+graph",
+    "ref": "diffusers pipeline",
+}
 
 
 def main(args: argparse.Namespace) -> None:
-    results: dict[str, list[dict]] = {"ours": [], "ref": []}
+    sides = args.sides or (list(SIDES) if torch.cuda.is_available() else ["ours", "ref"])
+    results: dict[str, list[dict]] = {side: [] for side in sides}
     for _ in range(args.rounds):
-        for side in ("ours", "ref"):
+        for side in sides:
             cmd = [
                 sys.executable,
                 __file__,
@@ -119,16 +136,18 @@ def main(args: argparse.Namespace) -> None:
     summary = {}
     for side, runs in results.items():
         step = statistics.median(t for r in runs for t in r["times"])
-        summary[side] = (args.batch_size / step, max(r["peak"] for r in runs))
+        first = statistics.median(r["first"] for r in runs)
+        summary[side] = (args.batch_size / step, max(r["peak"] for r in runs), first)
     print(
         f"model {args.model}, {args.image_size}px, Euler {args.steps} steps, guidance 5, batch {args.batch_size}"
     )
-    print(f"{'':22s}{'images/s':>10s}{'peak GiB':>10s}")
-    for name, side in (("ours", "ours"), ("diffusers pipeline", "ref")):
-        print(f"{name:22s}{summary[side][0]:10.3f}{summary[side][1] / 2**30:10.2f}")
-    print(
-        f"{'ratio ours/ref':22s}{summary['ours'][0] / summary['ref'][0]:10.3f}{summary['ours'][1] / summary['ref'][1]:10.3f}"
-    )
+    print(f"{'':22s}{'images/s':>10s}{'vs ref':>8s}{'peak GiB':>10s}{'vs ref':>8s}{'first s':>9s}")
+    ref = summary.get("ref")
+    for side, (rate, peak, first) in summary.items():
+        vs = (f"{rate / ref[0]:8.3f}", f"{peak / ref[1]:8.3f}") if ref else ("-", "-")
+        print(
+            f"{SIDES[side]:22s}{rate:10.3f}{vs[0]:>8s}{peak / 2**30:10.2f}{vs[1]:>8s}{first:9.1f}"
+        )
 
 
 def writer_pool(args: argparse.Namespace) -> None:
@@ -179,6 +198,13 @@ if __name__ == "__main__":
         default=VAE_TILE_SIZE,
         help="our VAE's tile size, as generate_images.py's default (0: untiled, as the reference)",
     )
-    p.add_argument("--side", choices=["ours", "ref"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--sides",
+        nargs="+",
+        choices=list(SIDES),
+        default=None,
+        help="what to measure (default: all on CUDA; ours and ref on the CPU)",
+    )
+    p.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
     a = p.parse_args()
     writer_pool(a) if a.writer_pool else child(a) if a.side else main(a)

@@ -2,7 +2,8 @@
 
 Each configuration runs in its own process (a fresh CUDA allocator), end to end: training for
 --steps steps (LoRA rank 4 on attention, batch 1, gradient checkpointing, the defaults) at 512 and
-1024 px, uncached, cached, and cached with --fp8_base; generation at 1024 px, batch 1 and 4. Prints
+1024 px, uncached, cached, cached with --fp8_base, and uncached and cached with eager steps
+(--cuda_graph off); generation at 1024 px, batch 1 and 4. Prints
 one Markdown row per run: max_memory_reserved and max_memory_allocated on CUDA (peak resident set
 on the CPU), images/s, and the card.
 
@@ -26,6 +27,14 @@ TRAIN = {  # label: extra train_sdxl.py flags
     "uncached": [],
     "cached": ["--cache_latents", "--cache_text_embeddings"],
     "cached, --fp8_base": ["--cache_latents", "--cache_text_embeddings", "--fp8_base"],
+    # The rows above run the step as CUDA graphs (the default on a GPU); these the same eagerly.
+    "uncached, --cuda_graph off": ["--cuda_graph", "off"],
+    "cached, --cuda_graph off": [
+        "--cache_latents",
+        "--cache_text_embeddings",
+        "--cuda_graph",
+        "off",
+    ],
 }
 
 

@@ -1,27 +1,32 @@
-"""Images/s of a whole LoRA training step, with where the time goes.
+"""Training throughput: eager steps, CUDA graphs and --compile, measured in one run.
 
-The step is split into its parts (data loading and augmentation, VAE encode, text encode, UNet
-forward + backward, optimizer) and each is timed separately, on the tiny SDXL, a mid-size random SDXL,
-or a real SDXL folder. On CUDA the peak `max_memory_reserved` and `max_memory_allocated` are printed too.
+Each mode runs in its own process (so that its max_memory_reserved is its own) with train_sdxl.py's
+trainer (`build_trainer`, `train_step`): LoRA on the attention projections (alpha = rank), gradient
+checkpointing, AdamW, on the tiny SDXL, a mid-size random SDXL, or a real SDXL folder. Each process
+times the step with the VAE and text encoders run on the fly, then with cached latents and text
+embeddings (the batches are collated before the clock starts: train_sdxl.py loads them in worker
+processes). Printed per mode: s/step, images/s, the ratio to eager, max_memory_reserved and
+max_memory_allocated (CUDA), and the first step's time, which holds the start-up cost: the warm-up
+and the capture of the graphs, or the compiling.
 
-Each run measures the step with the VAE and text encoders, then with cached latents and text
-embeddings (computed once, up front), and prints the images/s ratio.
+Modes: eager (--cuda_graph off), graph (--cuda_graph auto), compile (--compile, eager steps),
+compile+graph (--compile --cuda_graph auto).
 
     uv run python bench/train_throughput.py --model tiny --image_size 64
     uv run python bench/train_throughput.py --model mid --image_size 256 --steps 5
-    uv run python bench/train_throughput.py --model ./weights/sdxl-base-1.0 --image_size 512 --rank 4
+    uv run python bench/train_throughput.py --model ./weights/sdxl-base-1.0 --image_size 1024 \\
+        --modes eager graph compile+graph
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -43,7 +48,7 @@ from training.data_loader import TrainingData, collate
 from training.distributed import Distributed
 from training.precision_util import resolve_device, resolve_precision
 from training.scan import scan
-from training.train_loop import build_trainer, micro_batch_loss, optimizer_update
+from training.train_loop import Trainer, build_trainer, train_step
 
 
 def mid_sdxl() -> Path:
@@ -81,81 +86,97 @@ def mid_sdxl() -> Path:
     return folder
 
 
-def main(args: argparse.Namespace) -> None:
+MODES = {
+    "eager": ["--cuda_graph", "off"],
+    "graph": ["--cuda_graph", "auto"],
+    "compile": ["--cuda_graph", "off", "--compile"],
+    "compile+graph": ["--cuda_graph", "auto", "--compile"],
+}
+
+
+def child(args: argparse.Namespace) -> None:
+    """One mode: the step timed on the fly and cached; prints one JSON line."""
     device = resolve_device(args.device)
     dist = Distributed(0, 1, device)
     folder = mid_sdxl() if args.model == "mid" else resolve_model(args.model)
     precision = resolve_precision(args.precision, device)
     parts = load_sdxl(folder, precision.unet_dtype, device, precision.text_dtype)
     data = TrainingData(scan(args.data_dir), args.image_size, random_flip=True)
-    # The training script's own options (LoRA on the attention projections, alpha = rank,
-    # gradient checkpointing on), so that the bench measures the step train_sdxl.py runs.
+    # The training script's own options, so that the bench measures the step train_sdxl.py runs.
     options = train_sdxl.build_parser().parse_args(
         ["--data_dir", args.data_dir, "--use_lora", "--lora_rank", str(args.rank),
-         "--lora_alpha", str(args.rank), "--batch_size", str(args.batch_size)]
+         "--lora_alpha", str(args.rank), "--batch_size", str(args.batch_size), *MODES[args.mode]]
     )  # fmt: skip
     tr = build_trainer(
         options, parts, parts.vae.moments, parts.text_encoder.encode, precision, dist, 1000
     )
-    results = {"uncached": run("uncached", args, tr, data, precision)}
+    results = {"on the fly": time_steps(args, tr, data)}
     with tempfile.TemporaryDirectory() as cache:
-        (cached,), encode_images, encode_text = encoders(
+        (cached,), tr.encode_images, tr.encode_text = encoders(
             parts, [data], True, True, Path(cache), dist
         )
-        # The same model and optimizer, with the cache's encoders.
-        tr = dataclasses.replace(tr, encode_images=encode_images, encode_text=encode_text)
-        results["cached latents + text"] = run("cached", args, tr, cached, precision)
-    ratio = results["uncached"] / results["cached latents + text"]
-    print(f"cached / uncached images/s: {ratio:.2f}x")
+        results["cached"] = time_steps(args, tr, cached)
+    print(json.dumps(results))
 
 
-def run(kind: str, args, tr, data, precision) -> float:
-    """Time the parts of `args.steps` steps; print the breakdown; return the step time."""
-    device = tr.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: dict[str, list[float]] = defaultdict(list)
-
-    @contextlib.contextmanager
-    def timed(name: str):
-        sync()
+def time_steps(args: argparse.Namespace, tr: Trainer, data) -> dict[str, float]:
+    """The first step, `args.warmup` more, then `args.steps` timed ones, each ending as
+    train_sdxl.py's do: with the read of its loss (the step's one sync)."""
+    count = 1 + args.warmup + args.steps
+    batches = []
+    for k in range(count):
+        ids = [(k * args.batch_size + i) % len(data) for i in range(args.batch_size)]
+        batches.append(collate([data[(i, i)] for i in ids]))  # (index, sample id)
+    cuda = tr.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for batch in batches:
         start = time.perf_counter()
-        yield
-        sync()
-        times[name].append(time.perf_counter() - start)
+        torch.stack(train_step(tr, [batch], [])).tolist()
+        times.append(time.perf_counter() - start)
+    step = statistics.median(times[1 + args.warmup :])
+    return {
+        "s_per_step": step,
+        "images_per_s": args.batch_size / step,
+        "first_step_s": times[0],
+        "reserved_GiB": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
+        "allocated_GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+    }
 
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            times.clear()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-        with timed("data"):
-            ids = [(step * args.batch_size + i) % len(data) for i in range(args.batch_size)]
-            images, time_ids, captions, sample_ids, masks = collate([data[(i, i)] for i in ids])
-        with timed("vae encode"):  # cached: nothing but the copy to the device
-            moments = tr.encode_images(images.to(device))
-        with timed("text encode"):
-            context, pooled = tr.encode_text(captions)
-        with timed("unet fwd+bwd"):
-            seeds = sample_ids.to(device)  # any distinct seeds will do here
-            inputs = (moments, context, pooled, time_ids.to(device), seeds, masks.to(device))
-            micro_batch_loss(tr, inputs).backward()
-        with timed("optimizer"):
-            optimizer_update(tr)
 
-    total = sum(statistics.median(v) for v in times.values())
+def main(args: argparse.Namespace) -> None:
+    modes = args.modes or (list(MODES) if torch.cuda.is_available() else ["eager"])
+    results = {}
+    for mode in modes:
+        argv = [sys.executable, __file__, "--mode", mode, "--model", args.model]
+        argv += ["--data_dir", args.data_dir, "--image_size", str(args.image_size)]
+        argv += ["--batch_size", str(args.batch_size), "--rank", str(args.rank)]
+        argv += ["--precision", args.precision, "--steps", str(args.steps)]
+        argv += ["--warmup", str(args.warmup), "--device", args.device]
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{mode}: failed\n{done.stderr[-3000:]}")
+            continue
+        printed = done.stdout.strip().splitlines()
+        print("\n".join(f"  [{mode}] {line}" for line in printed[:-1]))  # capture / compile notes
+        results[mode] = json.loads(printed[-1])
     print(
-        f"{kind}: model {args.model}, {args.image_size}px, batch {args.batch_size}, rank {args.rank}, {precision.name}, {device}"
+        f"model {args.model}, {args.image_size}px, batch {args.batch_size}, LoRA rank {args.rank}, "
+        f"{args.precision} precision, gradient checkpointing, median of {args.steps} steps"
     )
-    for name, v in times.items():
-        m = statistics.median(v)
-        print(f"  {name:14s} {m * 1000:9.1f} ms  {100 * m / total:5.1f}%")
-    print(f"  {'step':14s} {total * 1000:9.1f} ms  -> {args.batch_size / total:.2f} images/s")
-    if device.type == "cuda":
-        allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-        print(
-            f"  peak memory: {reserved / 2**30:.2f} GiB reserved, {allocated / 2**30:.2f} allocated"
-        )
-    return total
+    print(
+        f"{'mode':15s}{'data':12s}{'s/step':>9s}{'images/s':>10s}{'vs eager':>10s}"
+        f"{'reserved GiB':>14s}{'allocated GiB':>15s}{'first step s':>14s}"
+    )
+    for mode, by_data in results.items():
+        for data, r in by_data.items():
+            base = results.get("eager", {}).get(data)
+            ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "-"
+            print(
+                f"{mode:15s}{data:12s}{r['s_per_step']:9.3f}{r['images_per_s']:10.2f}{ratio:>10s}"
+                f"{r['reserved_GiB']:14.2f}{r['allocated_GiB']:15.2f}{r['first_step_s']:14.1f}"
+            )
 
 
 if __name__ == "__main__":
@@ -178,6 +199,15 @@ if __name__ == "__main__":
         help="UNet precision",
     )
     p.add_argument("--steps", type=int, default=5, help="timed steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
-    main(p.parse_args())
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=list(MODES),
+        default=None,
+        help="what to measure (default: all on CUDA, eager on the CPU)",
+    )
+    p.add_argument("--mode", choices=list(MODES), help=argparse.SUPPRESS)  # one child process
+    a = p.parse_args()
+    child(a) if a.mode else main(a)

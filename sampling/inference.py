@@ -12,17 +12,22 @@ embedding is all zeros.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
 from sampling.samplers import SAMPLERS, ModelFn, randn
+from sdxl.capture import Graphed, compile_blocks
 from sdxl.diffusion import NoiseSchedule
 from sdxl.lora import Adapter, LoRAModules, attach_lora, merge_lora
 from sdxl.text_encoders import SDXLTextEncoder
 from sdxl.unet import UNet2DConditionModel
 from sdxl.vae import SDXLVAE
+
+# unet(sample, timestep, context, {"text_embeds": ..., "time_ids": ...}) -> prediction
+UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
 
 @dataclass
@@ -33,10 +38,31 @@ class Pipeline:
     schedule: NoiseSchedule
     device: torch.device
     dtype: torch.dtype  # the UNet's
+    unet_call: UNetFn | None = None  # how the sampling loop calls the UNet; None: the UNet itself
+
+
+def fast_unet(unet: UNet2DConditionModel, cuda_graph: bool, compile: bool) -> UNetFn:
+    """The sampling loop's UNet call, faster on a GPU (sdxl/capture.py): with `compile`, its
+    blocks compiled; with `cuda_graph`, replayed as CUDA graphs. The loop is the same; only the call
+    changes."""
+    if compile:
+        compile_blocks(unet)
+    return graphed_unet(unet, capture=True) if cuda_graph else unet
+
+
+def graphed_unet(unet: UNet2DConditionModel, capture: bool) -> UNetFn:
+    """The UNet call through `Graphed`: one graph per batch and image size, captured at the first
+    sampling step that has them. capture=False runs the same path eagerly (the CPU tests)."""
+
+    def flat(x, t, context, text_embeds, time_ids):  # Graphed takes tensors, not a dict
+        return unet(x, t, context, {"text_embeds": text_embeds, "time_ids": time_ids})
+
+    graphs = Graphed(flat, capture, label="--cuda-graph UNet call" if capture else None)
+    return lambda x, t, context, cond: graphs(x, t, context, cond["text_embeds"], cond["time_ids"])
 
 
 def guided(
-    unet: UNet2DConditionModel,
+    unet: UNetFn,
     context: torch.Tensor,
     pooled: torch.Tensor,
     time_ids: torch.Tensor,
@@ -102,7 +128,13 @@ def generate_unique_batch(
     generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds]
     noise = randn((B, 4, height // 8, width // 8), generators, pipe.device, torch.float32)
     model = guided(
-        pipe.unet, context, pooled, time_ids, guidance_scale, pipe.dtype, guidance_rescale
+        pipe.unet_call or pipe.unet,
+        context,
+        pooled,
+        time_ids,
+        guidance_scale,
+        pipe.dtype,
+        guidance_rescale,
     )
     latents = SAMPLERS[sampler](model, noise, pipe.schedule, steps, generators)
     images = pipe.vae.decode(latents.float())  # fp32 decode: the SDXL VAE overflows in fp16

@@ -30,6 +30,7 @@ LORA_FORMATS = ("native", "diffusers", "kohya")  # sdxl/lora_formats.py
 SAMPLER_NAMES = ("euler", "ddim", "ddpm")  # sampling/samplers.py: SAMPLERS
 OPTIMIZER_NAMES = ("adamw", "adamw8bit", "adafactor", "prodigy")  # training/optimizers.py
 LOSS_TYPES = ("l2", "huber", "smooth_l1")  # training/train_loop.py: elementwise_loss
+CUDA_GRAPH_MODES = ("auto", "off")  # sdxl/capture.py; auto: on CUDA, where the options allow
 
 # A rule for a number: the test and how to say what it must be.
 Rule = tuple[Callable[[float], bool], str]

@@ -45,6 +45,7 @@ from sdxl.lora_formats import (
 )
 from sdxl.unet import UNet2DConditionModel
 from sdxl.weights import WeightsError, read_safetensors, read_safetensors_header
+from training.optimizers import tensor_learning_rates
 from training.scan import Record
 from training.train_loop import Trainer, TrainState
 from training.train_util import rng_state, set_rng_state
@@ -345,6 +346,7 @@ def restore_checkpoint(ckpt: dict, path: Path, tr: Trainer, state: TrainState) -
             unet_weights(ckpt, path, next(tr.unet.parameters()).dtype, tr.device)
         )
     tr.optimizer.load_state_dict(ckpt["optimizer"])
+    tensor_learning_rates(tr.optimizer, tr.device)  # the saved learning rates may be floats
     tr.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
     tr.scaler.load_state_dict(ckpt["scaler"])
     if tr.ema is not None and ckpt["ema"] is not None:

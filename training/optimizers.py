@@ -130,3 +130,22 @@ def build_optimizer(
         return OPTIMIZERS[args.optimizer](params, args, kwargs, max_steps)
     except TypeError as e:  # an --optimizer_args key the optimizer does not take
         raise UserError(f"--optimizer {args.optimizer}: {e}") from None
+
+
+def tensor_learning_rates(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Make torch's AdamW steppable inside a CUDA graph: its learning rates device tensors, which
+    the LR schedule fills in place (a float would be frozen into the graph at capture), and on CUDA
+    capturable=True, which keeps the step counts and bias corrections on the device. Eager steps
+    use the same form, so that they compute what the graphs compute: a float32 learning rate
+    alone moves LoRA weights by 1e-4 of their size within a few steps, through Adam's
+    normalisation. Applied again after a checkpoint's optimizer state is loaded."""
+    for group in optimizer.param_groups:
+        if "capturable" not in group:  # not torch's Adam family: left as it is
+            continue
+        group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        group["capturable"] = device.type == "cuda"
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "step" in state:  # on the device if capturable, else on the CPU
+                home = p.device if group["capturable"] else torch.device("cpu")
+                state["step"] = state["step"].to(home, torch.float32)

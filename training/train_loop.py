@@ -5,24 +5,30 @@ data parallelism, accumulation) is resolved into a `Trainer` by `build_trainer` 
 starts, so the step itself has no option branches.
 
 A step has a host side and a device side. `prepare` runs the encoders (or reads the caches) and
-moves a micro-batch to the device; `micro_batch_loss` and the optimizer update then only launch
-work on the device: every random number is drawn there from the samples' seeds (training/noise.py),
-and nothing is read back. The loss and the gradient norm come back as device tensors; the loop reads
-them once per optimizer step, when it logs.
+moves a micro-batch to the device; `micro_step` (forward and backward of one micro-batch) and
+`optimizer_update` then only launch work on the device: every random number is drawn there from the
+samples' seeds (training/noise.py), and nothing is read back. The loss and the gradient norm come
+back as device tensors; the loop reads them once per optimizer step, when it logs.
+
+Because the device side reads nothing back, it can be captured: on CUDA (`--cuda_graph auto`)
+`micro_step` and `optimizer_update` each run as replayed CUDA graphs (sdxl/capture.py), one per
+input shape, and the learning rate is a device tensor that the schedule fills between replays.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from sampling.inference import Pipeline, generate_unique_batch, image_grid
+from sdxl.capture import Graphed, compile_blocks
 from sdxl.diffusion import NoiseSchedule
 from sdxl.errors import UserError
 from sdxl.files import atomic_write
@@ -41,7 +47,7 @@ from training.cache import ImageEncoder, TextEncoder
 from training.data_loader import Batch, sample_seed
 from training.distributed import Distributed
 from training.ema import EMA
-from training.optimizers import build_optimizer
+from training.optimizers import build_optimizer, tensor_learning_rates
 from training.precision_util import Precision
 
 
@@ -92,6 +98,15 @@ class Trainer:
     prior_loss_weight: float  # of the regularisation images' loss
     no_sync: Callable[[], contextlib.AbstractContextManager]  # DDP: skip the gradient sync
     average_text_gradients: Callable[[], None]  # across processes (DDP has only the UNet's)
+    # How the device side runs: eagerly (gradients freed between steps), or through
+    # sdxl/capture.py's Graphed (see `use_graphs`).
+    grads_to_none: bool = True
+    run_micro_step: Callable[..., torch.Tensor] = field(init=False)  # `micro_step`, or its graphs
+    run_update: Callable[[], torch.Tensor] = field(init=False)  # `optimizer_update`, or its graph
+
+    def __post_init__(self) -> None:
+        self.run_micro_step = functools.partial(micro_step, self)
+        self.run_update = functools.partial(optimizer_update, self)
 
 
 def build_trainer(
@@ -121,14 +136,17 @@ def build_trainer(
         for component, lr in zip(models, [args.learning_rate, text_lrs[0], text_lrs[-1]])
     ]
     optimizer, lr_scheduler = build_optimizer([g for g in groups if g["params"]], args, max_steps)
+    tensor_learning_rates(optimizer, dist.device)  # what a graph needs; eager steps alike
     if dist.main and args.use_lora:
         print(describe_adapters(models))
     schedule = parts.schedule.to(dist.device)  # its table beside the UNet: no copy per step
     base_noise = noise.make_noise(args.noise_offset)
     snr_weight = min_snr_weight(schedule, args.snr_gamma)
     debias = debiased_weight(schedule) if args.debiased_estimation_loss else None
+    if args.compile:  # last: the compiled blocks include the adapters and the checkpointing
+        compile_blocks(unet, args.compile_backend)
     model = dist.wrap(unet)
-    return Trainer(
+    tr = Trainer(
         unet=unet,
         models=trained_models,
         model=model,
@@ -158,6 +176,40 @@ def build_trainer(
             [p for n, p in trained if n.startswith("text_encoder")]
         ),
     )
+    capture = args.cuda_graph == "auto" and dist.device.type == "cuda"
+    obstacle = cuda_graph_obstacle(args, dist) if capture else None
+    if obstacle is not None and dist.main:
+        print(f"--cuda_graph auto: the training step runs eagerly, since {obstacle}")
+    if capture and obstacle is None:
+        use_graphs(tr, capture=True)
+    elif args.compile:  # eager steps, but the first run of each shape (the compiling) is reported
+        tr.run_micro_step = Graphed(tr.run_micro_step, capture=False, label="--compile")
+    return tr
+
+
+def cuda_graph_obstacle(args: argparse.Namespace, dist: Distributed) -> str | None:
+    """Why the training step cannot be replayed as CUDA graphs under these options (None: it can)."""
+    if dist.world > 1:
+        return "DistributedDataParallel's gradient all-reduce is not captured here (torchrun)"
+    if args.precision == "fp16":
+        return "fp16's gradient scaler reads its overflow check back every step (use bf16)"
+    if args.train_text_encoder:
+        return "--train_text_encoder trains through the text encoders, which run outside the step"
+    if args.optimizer != "adamw":
+        return f"--optimizer {args.optimizer} cannot step inside a graph (torch's adamw can)"
+    return None
+
+
+def use_graphs(tr: Trainer, capture: bool) -> None:
+    """Run the step's device side as CUDA graphs (sdxl/capture.py): the micro-batch step, one graph
+    per input shape, and the optimizer update (its learning rate a tensor: `tensor_learning_rates`).
+    A graph reads and writes fixed tensors, so the gradients stay allocated (zeroed, not freed).
+    With capture=False the same path runs eagerly: the CPU tests use that."""
+    for p in tr.params:
+        p.grad = torch.zeros_like(p)
+    tr.grads_to_none = False
+    tr.run_micro_step = Graphed(tr.run_micro_step, capture, "--cuda_graph training step")
+    tr.run_update = Graphed(tr.run_update, capture)
 
 
 def make_trainable(args: argparse.Namespace, parts: SDXLParts) -> dict[str, torch.nn.Module]:
@@ -280,9 +332,9 @@ def diffusion_loss(
     return per_element.mean(dim=(1, 2, 3)) * tr.loss_weight(t)
 
 
-def micro_batch_loss(tr: Trainer, inputs: StepInputs) -> torch.Tensor:
-    """The mean loss of one micro-batch, with each sample's posterior sample, timestep and noise
-    drawn from its own seed."""
+def micro_batch_loss(tr: Trainer, *inputs: torch.Tensor) -> torch.Tensor:
+    """The mean loss of one micro-batch (`StepInputs`), with each sample's posterior sample,
+    timestep and noise drawn from its own seed."""
     moments, context, pooled, time_ids, seeds, mask = inputs
     eps = noise.randn(seeds, noise.POSTERIOR, (moments.shape[1] // 2, *moments.shape[2:]))
     latents = tr.vae.sample(moments, eps)
@@ -292,16 +344,25 @@ def micro_batch_loss(tr: Trainer, inputs: StepInputs) -> torch.Tensor:
     return diffusion_loss(tr, tr.model, latents, context, pooled, time_ids, t, n, n_in, mask).mean()
 
 
+def micro_step(tr: Trainer, *inputs: torch.Tensor) -> torch.Tensor:
+    """Forward and backward of one micro-batch: `StepInputs`, then `scale` = (count, weight), two
+    numbers (a tensor, so that a graph takes them as input). The gradients of weight * loss / count
+    are added to the parameters'. Returns loss / count, detached. Device work only."""
+    *batch, scale = inputs
+    loss = micro_batch_loss(tr, *batch) / scale[0]
+    tr.scaler.scale(loss * scale[1]).backward()
+    return loss.detach()
+
+
 def optimizer_update(tr: Trainer) -> torch.Tensor:
-    """Clip, step, clear the gradients, advance the LR schedule and the EMA. Returns the gradient
-    norm before clipping (a device tensor)."""
+    """Clip, step, clear the gradients, update the EMA. Returns the gradient norm before clipping
+    (a device tensor). Device work only: the LR schedule advances outside (`train_step`)."""
     tr.average_text_gradients()
     tr.scaler.unscale_(tr.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tr.max_grad_norm)
     tr.scaler.step(tr.optimizer)
     tr.scaler.update()
-    tr.optimizer.zero_grad(set_to_none=True)
-    tr.lr_scheduler.step()
+    tr.optimizer.zero_grad(set_to_none=tr.grads_to_none)
     if tr.ema is not None:
         tr.ema.update()
     return grad_norm
@@ -322,14 +383,16 @@ def train_step(
     parts += [(batch, tr.prior_loss_weight) for batch in reg_batches]
     for i, (batch, weight) in enumerate(parts):
         sync = contextlib.nullcontext() if i == len(parts) - 1 else tr.no_sync()
+        scale = torch.tensor([len(micro_batches), weight], device=tr.device)
         with sync:
-            loss = micro_batch_loss(tr, prepare(tr, batch)) / len(micro_batches)
-            tr.scaler.scale(loss * weight).backward()
+            loss = tr.run_micro_step(*prepare(tr, batch), scale)
         if i < len(micro_batches):
-            total += loss.detach()
+            total += loss
         else:
-            reg_total += loss.detach()
-    return total, reg_total, optimizer_update(tr)
+            reg_total += loss
+    grad_norm = tr.run_update()
+    tr.lr_scheduler.step()  # on the host; it fills a graph's learning-rate tensors in place
+    return total, reg_total, grad_norm
 
 
 @torch.no_grad()
