@@ -111,10 +111,9 @@ class Graphed(Generic[Outputs]):
         if self.label is None:
             return
         shape = "x".join(str(n) for n in inputs[0].shape)
-        graphs = f", captured in {capture:.1f} s ({self.captured} CUDA graphs)" if capture else ""
-        print(
-            f"{self.label}: inputs {shape}: first run {warm:.1f} s{graphs}; {len(self.entries)} shape(s)"
-        )
+        graph = f", captured in {capture:.1f} s" if capture is not None else ""
+        counts = f"shapes: {len(self.entries)}" + (f", CUDA graphs: {self.captured}" * self.capture)
+        print(f"{self.label}: new input shape {shape}: first run {warm:.1f} s{graph}; {counts}")
 
 
 def compile_blocks(unet: torch.nn.Module, backend: str = "inductor") -> None:
