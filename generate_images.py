@@ -20,7 +20,8 @@ a training dataset for train_sdxl.py. Under torchrun, each process makes its sha
 world-th image, or shard), the first one writes the folder's files. Re-running, after a crash or a
 kill -9 and with any number of processes, finishes exactly the missing images (an unfinished shard
 is made again); a folder that holds images made with other settings is refused, unless --overwrite
-deletes them first.
+deletes them first. On a GPU each sampling step replays the UNet call as a CUDA graph (--cuda-graph
+auto, the default); --compile compiles the UNet's blocks too.
 """
 
 from __future__ import annotations

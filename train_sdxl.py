@@ -11,6 +11,9 @@ LoRA on the real SDXL base at 512 px, on one GPU with under 12 GB:
         --batch_size 1 --gradient_accumulation_steps 4 --num_epochs 10 --learning_rate 1e-4 \\
         --output_dir ./outputs --pretrained_model ./weights/sdxl-base-1.0 --image_size 512
 
+On a GPU the UNet step runs as replayed CUDA graphs (--cuda_graph auto, the default; off for eager
+steps); add --compile for compiled blocks on top (README.md, "GPU speed").
+
 Outputs in --output_dir: config.json (the resolved arguments), metrics.jsonl, step / epoch / lowest-loss
 checkpoints (`lora_step000100_<time>.pt`, ...; training/checkpoint.py describes them). Resume with
 --resume CHECKPOINT or resume_training.py.
