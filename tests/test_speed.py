@@ -5,6 +5,7 @@ buffers, one entry per input shape, kept gradients, tensor learning rates. It mu
 run's numbers bit for bit. The captured graphs themselves are checked on CUDA, skipped elsewhere.
 """
 
+import functools
 import json
 
 import pytest
@@ -129,6 +130,46 @@ def test_graph_path_equals_eager_and_resumes_exactly(tiny_model, tmp_path, capsy
     )
     assert_same_run(resumed, graphed)
     assert_same_run(halfway, graphed)
+
+
+def test_the_micro_step_reads_nothing_back(tiny_model, tmp_path, monkeypatch):
+    """A graph cannot hold a value read back to the host (or a Python decision on one): with every
+    option that adds work to the step, the micro-step (forward, loss, backward) makes no such read.
+    (The update is not checked here: on the CPU, AdamW's non-capturable path reads its learning
+    rate, which the capturable one on CUDA does not.)"""
+    build = train_sdxl.build_trainer
+
+    def read_back(*args, name, **kwargs):
+        raise AssertionError(f"the micro-step read a value back to the host: Tensor.{name}")
+
+    def build_guarded(*args, **kwargs):
+        tr = build(*args, **kwargs)
+        micro = tr.run_micro_step
+
+        def guarded(*inputs):
+            with monkeypatch.context() as m:
+                for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+                    m.setattr(torch.Tensor, name, functools.partialmethod(read_back, name=name))
+                return micro(*inputs)
+
+        tr.run_micro_step = guarded
+        return tr
+
+    monkeypatch.setattr(train_sdxl, "build_trainer", build_guarded)
+    options = ["--use_lora", "--use_dora", "--conv_rank", "4", "--max_train_steps", "2"]
+    options += ["--snr_gamma", "5", "--debiased_estimation_loss", "--noise_offset", "0.1"]
+    options += [
+        "--multires_noise_iterations",
+        "3",
+        "--ip_noise_gamma",
+        "0.1",
+        "--lora_dropout",
+        "0.1",
+    ]
+    train_sdxl.main(
+        train_sdxl.build_parser().parse_args(train_argv(tiny_model, tmp_path, *options))
+    )
+    assert len(metrics(tmp_path)) == 2  # both steps ran through the guard
 
 
 def test_learning_rate_tensor_is_filled_in_place(tiny_model, tmp_path):
