@@ -713,7 +713,8 @@ def main(args: argparse.Namespace) -> Path:
         ):
             # The step's one device sync: its losses (training, regularisation) and gradient norm.
             train_loss, reg_loss, grad_norm = torch.stack(train_step(tr, micro, reg_micro)).tolist()
-            # A graph's learning rate is a device tensor, filled before that sync: no wait here.
+            # AdamW's learning rate is a device tensor (training/optimizers.py), filled before that
+            # sync: reading it waits for nothing.
             lr = float(tr.lr_scheduler.get_last_lr()[0])
             loss = train_loss + args.prior_loss_weight * reg_loss
             if not math.isfinite(loss):

@@ -66,9 +66,10 @@ class Graphed(Generic[Outputs]):
         self.entries: dict[Signature, _Entry[Outputs]] = {}
 
     def __call__(self, *inputs: torch.Tensor) -> Outputs:
-        entry = self.entries.get(signature(inputs))
+        key = signature(inputs)
+        entry = self.entries.get(key)
         if entry is None:
-            return self._first_call(inputs)
+            return self._first_call(key, inputs)
         for buffer, x in zip(entry.inputs, inputs):
             buffer.copy_(x)
         if entry.graph is None:
@@ -80,12 +81,12 @@ class Graphed(Generic[Outputs]):
     def captured(self) -> int:
         return sum(entry.graph is not None for entry in self.entries.values())
 
-    def _first_call(self, inputs: tuple[torch.Tensor, ...]) -> Outputs:
+    def _first_call(self, key: Signature, inputs: tuple[torch.Tensor, ...]) -> Outputs:
         buffers = tuple(x.clone() for x in inputs)  # clone keeps the layout (channels_last)
         start = time.perf_counter()
         if not self.capture:
             result = self.fn(*buffers)
-            self.entries[signature(inputs)] = _Entry(buffers, None, None)
+            self.entries[key] = _Entry(buffers, None, None)
             self._report(inputs, time.perf_counter() - start, None)
             return result
         # Warm up on a side stream, as PyTorch's notes say: the capture then starts from a state
@@ -103,7 +104,7 @@ class Graphed(Generic[Outputs]):
         # image writers, loggers) may go on.
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             outputs = self.fn(*buffers)
-        self.entries[signature(inputs)] = _Entry(buffers, graph, outputs)
+        self.entries[key] = _Entry(buffers, graph, outputs)
         self._report(inputs, warm, time.perf_counter() - start - warm)
         return result
 

@@ -381,11 +381,13 @@ def train_step(
     # gradients are averaged across processes on the step's last backward only.
     parts = [(batch, 1.0) for batch in micro_batches]
     parts += [(batch, tr.prior_loss_weight) for batch in reg_batches]
+    # micro_step's (count, weight): one small tensor per weight, not one per micro-batch.
+    weights = {weight for _, weight in parts}
+    scales = {w: torch.tensor([len(micro_batches), w], device=tr.device) for w in weights}
     for i, (batch, weight) in enumerate(parts):
         sync = contextlib.nullcontext() if i == len(parts) - 1 else tr.no_sync()
-        scale = torch.tensor([len(micro_batches), weight], device=tr.device)
         with sync:
-            loss = tr.run_micro_step(*prepare(tr, batch), scale)
+            loss = tr.run_micro_step(*prepare(tr, batch), scales[weight])
         if i < len(micro_batches):
             total += loss
         else:
