@@ -379,9 +379,7 @@ class Transformer2DModel(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        # (B, N, C), contiguous: a copy unless the UNet is channels_last (then a view). A strided
-        # input would let matmul's choice of kernel depend on whether proj_in's weight is trained.
-        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C).contiguous()
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, N, C)
         h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context)
