@@ -12,6 +12,12 @@ sys.path.insert(0, str(ROOT))
 # The project's cache (scan indexes, cached latents, the tiny SDXL) goes to a fresh folder, not the
 # user's ~/.cache/sdxl-lora; subprocesses inherit it.
 os.environ["SDXL_LORA_CACHE"] = tempfile.mkdtemp(prefix="sdxl-lora-test-cache-")
+# Bitwise assertions compare two runs of the same computation. MKL's AVX-512 matrix kernels round
+# differently by where a row starts in memory (a (2, 112) @ (112, 128) product differs between
+# offsets 0 and 1 float, measured on an AMD EPYC with AVX-512), so MKL runs in its conditional
+# numerical reproducibility mode, whose results do not depend on alignment (set before MKL starts;
+# subprocesses inherit it).
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 SDXL_CONFIGS = ROOT / "sdxl" / "configs" / "sdxl-base-1.0"
 EXAMPLES = ROOT / "examples" / "shapes"
