@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sdxl.errors import UserError, run_cli
-from sdxl.options import LORA_FORMATS, PRECISIONS, check_file
+from cli.choices import LORA_FORMATS, PRECISIONS
+from cli.options import Parser, check_file, run_cli
+from sdxl.errors import UserError
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -28,9 +29,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a training checkpoint (.pt): step, epoch or lowest-loss")
     p.add_argument(
         "--format",
@@ -53,21 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-if __name__ == "__main__":
-    # Read and check the flags before the heavy imports below, so that --help answers at once.
-    run_cli(check_args, build_parser())
-
-from safetensors.torch import save_file
-
-from sdxl.files import atomic_write
-from sdxl.lora_formats import WRITTEN_BY, model_name, save_lora_file
-from sdxl.weights import WeightsError, read_safetensors_header
-from training.checkpoint import adapter_modules, load_checkpoint, unet_weights
-from training.precision_util import DTYPES
-
-
 def main(args: argparse.Namespace) -> Path:
-    check_args(args)
+    check_args(args)  # before the heavy imports
+    from sdxl.checkpoint import (
+        adapter_modules,
+        load_checkpoint,
+        lora_metadata,
+        unet_weights,
+        write_unet_file,
+    )
+    from sdxl.device import DTYPES
+    from sdxl.lora_formats import model_name, save_lora_file
+
     checkpoint = Path(args.checkpoint)
     ckpt = load_checkpoint(checkpoint, mmap=True)
     suffix = f"_{args.format}" + ("_ema" if args.ema else "")
@@ -78,21 +74,18 @@ def main(args: argparse.Namespace) -> Path:
             "choose another name or pass --overwrite"
         )
     dtype = DTYPES[args.dtype]
-    info = {"base_model": model_name(ckpt.get("base_model", "")), "step": ckpt["step"]}
-    info |= {"ema": int(args.ema), "ss_steps": ckpt["step"], "ss_epoch": ckpt["epoch"]}
     if ckpt["lora"] is None:  # full fine-tuning
         if args.format != "native" or args.ema:
             raise UserError(
                 "a full fine-tuning checkpoint exports its UNet in native format only, without --ema"
             )
-        state = unet_weights(ckpt, checkpoint, dtype)
-        with atomic_write(output) as tmp:
-            metadata = {"format": "pt", **WRITTEN_BY, **{k: str(v) for k, v in info.items()}}
-            save_file(state, tmp, metadata=metadata)
-    else:
-        lora = ckpt["lora_config"]
-        info.update(rank=lora["rank"], alpha=lora["alpha"], target_mode=lora["target_mode"])
-        info = {**(ckpt.get("lora_metadata") or {}), **info}  # as the LoRA beside the checkpoint
+        info = {
+            "base_model": model_name(ckpt["config"].get("base_model", "")),
+            "step": ckpt["step"],
+        }
+        write_unet_file(output, unet_weights(ckpt, checkpoint, dtype), info)
+    else:  # the LoRA, with the metadata of the file beside the checkpoint
+        info = {**lora_metadata(ckpt), "ema": int(args.ema)}
         layers = ckpt["unet_config"]["layers_per_block"]  # kohya names count blocks per level
         save_lora_file(output, adapter_modules(ckpt, args.ema), args.format, info, dtype, layers)
     print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {args.format}, {args.dtype})")
@@ -101,6 +94,9 @@ def main(args: argparse.Namespace) -> Path:
 
 def earlier_export(path: Path) -> bool:
     """Whether the file is one this script wrote (its metadata says so), which may be replaced."""
+    from sdxl.lora_formats import WRITTEN_BY
+    from sdxl.weights import WeightsError, read_safetensors_header
+
     try:
         metadata = read_safetensors_header(path)[0].get("__metadata__", {})
     except WeightsError:

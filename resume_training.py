@@ -8,7 +8,8 @@
 --auto DIR takes an output folder or any folder of checkpoints (a `latest` link is followed). A
 truncated or corrupt checkpoint is skipped with a warning and the previous one is used. The resume
 command is train_sdxl.py with the configuration the checkpoint was trained with, --resume CHECKPOINT,
-and any training flags given after `--`, which override the saved ones.
+and any training flags given after `--`, which override the saved ones. The run continues in the
+checkpoint's folder, wherever that folder has been moved (unless `-- --output_dir` says otherwise).
 """
 
 from __future__ import annotations
@@ -19,15 +20,14 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from sdxl.errors import UserError, run_cli
+from cli.options import Parser, run_cli, values_to_argv
+from sdxl.errors import UserError
 
 ROOT = Path(__file__).resolve().parent
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument(
         "--auto",
@@ -61,34 +61,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"no loadable training checkpoint (.pt) in {folder.resolve()}")
 
 
-if __name__ == "__main__":
-    # --help, bad flags and a folder without checkpoints answer before the heavy imports below.
-    run_cli(check_args, lambda: parse_args(sys.argv[1:]))
-
-import train_sdxl
-from training.checkpoint import find_checkpoints
-
-
 def config_to_argv(config: dict) -> list[str]:
-    """train_sdxl.py flags reproducing a saved configuration (only the parser's own options)."""
-    argv: list[str] = []
-    for action in train_sdxl.build_parser()._actions:
-        if (
-            not action.option_strings
-            or action.dest in ("help", "resume", "config")  # (a config file's values are all here)
-            or action.dest not in config
-        ):
-            continue
-        value, flag = config[action.dest], action.option_strings[0]
-        if isinstance(action, argparse.BooleanOptionalAction):
-            argv.append(flag if value else f"--no-{flag[2:]}")
-        elif action.nargs == 0:  # store_true
-            argv += [flag] if value else []
-        elif isinstance(value, list):
-            argv += [flag, *map(str, value)] if value else []
-        elif value is not None:
-            argv += [flag, str(value)]
-    return argv
+    """train_sdxl.py flags reproducing a saved configuration (only the parser's own options), by
+    the converter --config files use too (cli/options.py)."""
+    from cli.train import build_parser
+
+    skip = ("help", "resume", "config")  # (a config file's values are all here)
+    return values_to_argv(build_parser(), {k: v for k, v in config.items() if k not in skip})
 
 
 def describe(path: Path, ckpt: dict) -> str:
@@ -100,16 +79,21 @@ def describe(path: Path, ckpt: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    check_args(args)  # before the heavy imports
+    from sdxl.checkpoint import find_checkpoints
+
     if args.list:
         for path, ckpt in find_checkpoints(Path(args.list)):
             print(describe(path, ckpt))
         return 0
     path, ckpt = find_checkpoints(Path(args.auto))[-1]
     config = ckpt["config"]
+    # The run goes on where its checkpoint is now, not where config.json says it was.
+    here = {"output_dir": str(path.parent)}
     command = [
         sys.executable,
         str(ROOT / "train_sdxl.py"),
-        *config_to_argv(config),
+        *config_to_argv({**config, **here}),
         "--resume",
         str(path),
         *args.overrides,

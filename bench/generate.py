@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.train_throughput import mid_sdxl  # noqa: E402
 from bench.unet_step import proc_status  # noqa: E402
-from sdxl.options import VAE_TILE_SIZE  # noqa: E402
+from cli.choices import VAE_TILE_SIZE  # noqa: E402
+from sdxl.device import resolve_device, resolve_precision  # noqa: E402
 from sdxl.pretrained import resolve_model  # noqa: E402
-from training.precision_util import resolve_device, resolve_precision  # noqa: E402
 
 
 def child(args: argparse.Namespace) -> None:

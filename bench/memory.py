@@ -67,7 +67,7 @@ def child(kind: str, argv: list[str]) -> None:
     else:
         import generate_images
 
-        args = generate_images.build_parser().parse_args(argv)
+        args = generate_images.parse_args(argv)
         generate_images.main(args)
         speed = args.num_images / (time.perf_counter() - start)
     print("RESULT " + json.dumps({**peak(), "images_per_s": speed}), flush=True)

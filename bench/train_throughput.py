@@ -21,6 +21,7 @@ compile+graph (--compile --cuda_graph auto).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -35,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train_sdxl
+from cli.train import training_specs
+from sdxl.device import Distributed, resolve_device, resolve_precision
 from sdxl.pretrained import (
     clip_byte_vocab,
     load_sdxl,
@@ -45,9 +48,8 @@ from sdxl.pretrained import (
 )
 from training.cache import encoders
 from training.data_loader import TrainingData, collate
-from training.distributed import Distributed
-from training.precision_util import resolve_device, resolve_precision
 from training.scan import scan
+from training.specs import DataSpec
 from training.train_loop import Trainer, build_trainer, train_step
 
 
@@ -103,18 +105,20 @@ def child(args: argparse.Namespace) -> None:
     parts = load_sdxl(folder, precision.unet_dtype, device, precision.text_dtype)
     data = TrainingData(scan(args.data_dir), args.image_size, random_flip=True)
     # The training script's own options, so that the bench measures the step train_sdxl.py runs.
-    options = train_sdxl.build_parser().parse_args(
+    options = train_sdxl.parse_args(
         ["--data_dir", args.data_dir, "--use_lora", "--lora_rank", str(args.rank),
          "--lora_alpha", str(args.rank), "--batch_size", str(args.batch_size), *MODES[args.mode]]
     )  # fmt: skip
+    specs = training_specs(options)
     tr = build_trainer(
-        options, parts, parts.vae.moments, parts.text_encoder.encode, precision, dist, 1000
+        specs, parts, parts.vae.moments, parts.text_encoder.encode, precision, dist, 1000
     )
     results = {"on the fly": time_steps(args, tr, data)}
     with tempfile.TemporaryDirectory() as cache:
-        (cached,), tr.encode_images, tr.encode_text = encoders(
-            parts, [data], True, True, Path(cache), dist
-        )
+        spec = DataSpec(Path(args.data_dir), cache_latents=True, cache_text_embeddings=True)
+        spec = dataclasses.replace(spec, cache_dir=Path(cache))
+        (cached,), encode_images, encode_text = encoders(parts, [data], spec, dist)
+        tr = dataclasses.replace(tr, encode_images=encode_images, encode_text=encode_text)
         results["cached"] = time_steps(args, tr, cached)
     print(json.dumps(results))
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.precision_util import DTYPES
+from sdxl.device import DTYPES
 
 TINY = {
     "block_out_channels": [64, 128, 256],

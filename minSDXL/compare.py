@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.unet_step import proc_status  # noqa: E402
+from sdxl.device import DTYPES, resolve_device  # noqa: E402
 from sdxl.pretrained import resolve_model  # noqa: E402
-from training.precision_util import DTYPES, resolve_device  # noqa: E402
 
 
 def inputs(config: dict, latent: int, dtype: torch.dtype, device: torch.device) -> tuple:

@@ -2,8 +2,8 @@
 
 `generate_unique_batch` makes one image per prompt, each from its own seed: image i's starting noise is
 drawn from a generator seeded with seeds[i] alone, so an image is the same whatever batch it is in.
-The samplers are in sampling/samplers.py; LoRA files are read by the scripts (a training checkpoint
-through training/checkpoint.py, an exported file through sdxl/lora_formats.py) and applied here.
+The samplers are in sampling/samplers.py; LoRA files are read by sdxl/checkpoint.py
+(`read_lora_weights`: a training checkpoint or any exported file) and applied here.
 
 Classifier-free guidance runs the unconditional and conditional halves in one batched UNet call:
 eps = eps_uncond + w (eps_cond - eps_uncond). Without a negative prompt SDXL's unconditional
@@ -21,7 +21,8 @@ from PIL import Image
 from sampling.samplers import SAMPLERS, ModelFn, randn
 from sdxl.capture import Graphed, compile_blocks
 from sdxl.diffusion import NoiseSchedule
-from sdxl.lora import Adapter, LoRAModules, attach_lora, merge_lora
+from sdxl.lora import Adapter, LoRAModules, merge_lora
+from sdxl.lora_formats import attach_lora
 from sdxl.text_encoders import SDXLTextEncoder
 from sdxl.unet import UNet2DConditionModel
 from sdxl.vae import SDXLVAE
@@ -169,7 +170,7 @@ def apply_lora(
 ) -> None:
     """Merge a LoRA into the models it adapts (`models` as sdxl/lora.py's `components` gives them),
     at `strength`: one matmul per layer instead of three, and room for the next LoRA. `weights` as
-    training/checkpoint.py's `read_lora_weights` returns them: adapters, or for a full fine-tune
+    sdxl/checkpoint.py's `read_lora_weights` returns them: adapters, or for a full fine-tune
     the whole UNet's state dict."""
     if all(isinstance(v, Adapter) for v in weights.values()):
         attach_lora(models, weights)  # type: ignore[arg-type]

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from sampling.inference import to_pil
+from sdxl.errors import UserError
 from sdxl.files import atomic_write, write_json
 
 FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
@@ -199,3 +200,28 @@ def write_index(folder: Path, total: int, ext: str, shard_size: int | None) -> P
         {"shard_size": shard_size, "images": total, "shards": shards}, annotations / "index.json"
     )
     return annotations / "index.json"
+
+
+def claim_image_folder(out: Path, settings: dict, overwrite: bool) -> None:
+    """A folder holds images of one set of settings. Images made with other settings (or of
+    unknown settings) are refused, or deleted first with --overwrite; the same settings continue
+    (with more images, too)."""
+    made = [p for p in out.iterdir() if p.name[:5].isdigit() or p.name.startswith("shard-")]
+    config = out / "generation_config.json"
+    before = json.loads(config.read_text()).get("image_settings", {}) if config.is_file() else {}
+    differ = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
+    if not (made or config.is_file()) or not differ:
+        return
+    if not overwrite:
+        what = ", ".join(differ) if before else "unknown settings (no generation_config.json)"
+        raise UserError(
+            f"--output-dir {out} holds {len(made)} files made with other settings ({what}); "
+            "choose another folder, or pass --overwrite to delete them first"
+        )
+    for path in [
+        config,
+        out / "annotations" / "captions.json",
+        out / "annotations" / "index.json",
+        *made,
+    ]:
+        path.unlink(missing_ok=True)

@@ -3,8 +3,8 @@
 On a GPU, SDXL's training step is bound by the host, not the chip: its backward pass (autograd,
 checkpoint recomputation, the adapters' autograd Functions) launches thousands of small kernels, a
 few microseconds each. A CUDA graph records the kernels of one call and launches them all again with
-one `replay()`: on an H200 the LoRA step at 1024 px takes 164 ms replayed against 634 ms eager
-(../shared/reference/gpu-h200.md). `Graphed` does that for any function of tensors, one graph per
+one `replay()`: on an H200 the LoRA step at 1024 px took 164 ms replayed against 634 ms eager
+(ADVANCED.md, "Measured on a GPU"). `Graphed` does that for any function of tensors, one graph per
 input shape; `compile_blocks` adds torch.compile's kernel fusion on the repeated blocks.
 
 What a captured function may do (PyTorch's "CUDA Graphs" notes): only device work. No value read

@@ -163,6 +163,12 @@ class FolderLock:
             if self.path.read_text().strip() == self.me:
                 self.path.unlink()
 
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()  # however the run ends: an error exit leaves no lock behind
+
 
 def _alive(pid: int) -> bool:
     try:

@@ -16,7 +16,8 @@ the frozen base is low precision.
 
 A kind of adapter is one class (how its update joins the layer's output, and its merged weight) and
 one entry in ADAPTERS; what each option adapts is one predicate in TARGETS. Every file format reads
-and writes the same plain `Adapter` record (sdxl/lora_formats.py).
+and writes the same plain `Adapter` record; reading other programs' files, and the kinds only they
+write, is sdxl/lora_formats.py's.
 """
 
 from __future__ import annotations
@@ -32,13 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from sdxl.errors import UserError
+from cli.choices import ADAPTER_KINDS, TARGET_MODES
 from sdxl.frozen import FrozenLayer
-from sdxl.options import TARGET_MODES
+from sdxl.names import COMPONENTS, LoRAError, block_index, canonical, sgm_path
 
-
-class LoRAError(UserError, ValueError):
-    """A LoRA file or option that does not fit the model."""
+__all__ = ["COMPONENTS", "LoRAError"]  # also where the adapters' users expect them
 
 
 @dataclass
@@ -57,9 +56,8 @@ class Adapter:
         return self.down.shape[0]
 
 
-# Adapters keyed by "<component>.<module path>", the component one of COMPONENTS.
+# Adapters keyed by "<component>.<module path>" (sdxl/names.py).
 LoRAModules = dict[str, Adapter]
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 class _LinearOnCastInput(torch.autograd.Function):
@@ -214,31 +212,10 @@ class DoRA(LoRA):
         self.magnitude.copy_(adapter.magnitude.reshape(self.magnitude.shape))
 
 
-def input_channel_norm(weight: torch.Tensor) -> torch.Tensor:
-    """The L2 norm of each input channel's weights, over every axis but the second.
-    (out, in, ...) -> (1, in)"""
-    return torch.linalg.vector_norm(weight.transpose(0, 1).flatten(1), dim=1)[None]
-
-
-class DoRAOnInputs(DoRA):
-    """DoRA with one magnitude per input channel, (1, in): what OneTrainer writes by default and
-    older LyCORIS wrote, and ComfyUI reads. Only read from files; training makes DoRA."""
-
-    norm = staticmethod(input_channel_norm)
-
-    @staticmethod
-    def along_channels(v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """(1, in) -> (1, in[, 1, 1])"""
-        return v.reshape(1, -1, *[1] * (weight.dim() - 2))
-
-    def output(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
-        # A scale per input channel does not factor out of the output: use the whole weight.
-        merged = self.merged_weight(layer.base_weight(torch.float32))
-        return layer.op(x, merged.to(x.dtype), layer.bias)
-
-
-# The kinds of adapter, by the name --lora_type... chooses. A new kind: a subclass of LoRA, and here.
+# The kinds of adapter training makes (--use_dora chooses "dora"). A new kind: a subclass of LoRA,
+# an entry here, and its name in cli/choices.py.
 ADAPTERS: dict[str, type[LoRA]] = {"lora": LoRA, "dora": DoRA}
+assert tuple(ADAPTERS) == ADAPTER_KINDS
 
 
 class AdaptedLayer(FrozenLayer):
@@ -291,78 +268,30 @@ def _attention(name: str, m: nn.Module) -> bool:
     )
 
 
-# Each --lora_target_mode, and "conv" (--conv_rank), as which layers of the UNet it adapts.
+# Each --lora_target_mode as which layers of the UNet it adapts.
 TARGETS: dict[str, Callable[[str, nn.Module], bool]] = {
     "attention": _attention,
     "attention_out": lambda name, m: type(m) is nn.Linear
     and (name.endswith("attn1.to_out.0") or name.endswith("attn2.to_out.0")),
     # Every Linear inside a Transformer2DModel: attention, feed-forward, proj_in / proj_out.
     "all": lambda name, m: type(m) is nn.Linear and ".attentions." in name,
-    # kohya's conv_dim: every convolution and Linear of the ResNet blocks (conv1, conv2, the
-    # 1x1 shortcut, the time projection) and of the down- and upsamplers.
-    "conv": lambda name, m: (type(m) is nn.Linear or isinstance(m, nn.Conv2d))
-    and any(f".{part}." in name for part in _RESNET_PARTS),
-    # The text encoders' attention and MLP projections (kohya's CLIPAttention and CLIPMLP).
-    "text": lambda name, m: type(m) is nn.Linear
-    and bool(
+}
+assert tuple(TARGETS) == TARGET_MODES
+
+
+def conv_target(name: str, m: nn.Module) -> bool:
+    """kohya's conv_dim (--conv_rank): every convolution and Linear of the ResNet blocks (conv1,
+    conv2, the 1x1 shortcut, the time projection) and of the down- and upsamplers."""
+    return (type(m) is nn.Linear or isinstance(m, nn.Conv2d)) and any(
+        f".{part}." in name for part in _RESNET_PARTS
+    )
+
+
+def text_target(name: str, m: nn.Module) -> bool:
+    """The text encoders' attention and MLP projections (kohya's CLIPAttention and CLIPMLP)."""
+    return type(m) is nn.Linear and bool(
         re.fullmatch(r"(text_model\.)?encoder\.layers\.\d+\.(self_attn\.\w+_proj|mlp\.fc\d)", name)
-    ),
-}
-assert set(TARGET_MODES) <= set(TARGETS)
-
-
-_RESNET_SGM = {
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-_TOP_SGM = {
-    "conv_in": "input_blocks.0.0",
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "add_embedding.linear_1": "label_emb.0.0",
-    "add_embedding.linear_2": "label_emb.0.2",
-    "conv_out": "out.2",
-}
-
-
-def sgm_path(path: str, layers_per_block: int) -> str:
-    """diffusers UNet module path -> the original SDXL (SGM) path, which kohya's and ComfyUI's
-    names use. Each level has layers_per_block + 1 slots in input_blocks (a ResNet and its
-    transformer, then the downsample), input_blocks.0 being conv_in, and as many in output_blocks;
-    in a slot the ResNet is sub-module 0, the transformer 1, an upsample the last (2: SDXL's
-    upsampling levels all have transformers)."""
-    n = layers_per_block + 1
-    if path in _TOP_SGM:
-        return _TOP_SGM[path]
-    p = path.split(".")
-    if p[0] == "mid_block":  # ResNet, transformer, ResNet: middle_block.0-2, no slots
-        if p[1] == "attentions":
-            return "middle_block.1." + ".".join(p[3:])
-        if p[1] == "resnets" and len(p) == 4 and p[3] in _RESNET_SGM:
-            return f"middle_block.{2 * int(p[2])}.{_RESNET_SGM[p[3]]}"
-    elif p[0] in ("down_blocks", "up_blocks"):
-        level, kind = int(p[1]), p[2]
-        if kind == "downsamplers":
-            return f"input_blocks.{n * (level + 1)}.0.op"
-        if kind == "upsamplers":
-            return f"output_blocks.{n * level + n - 1}.2.conv"
-        down = p[0] == "down_blocks"
-        slot = f"input_blocks.{n * level + int(p[3]) + 1}" if down else f"output_blocks.{n * level + int(p[3])}"  # fmt: skip
-        if kind == "attentions":
-            return f"{slot}.1." + ".".join(p[4:])
-        if kind == "resnets" and len(p) == 5 and p[4] in _RESNET_SGM:
-            return f"{slot}.0.{_RESNET_SGM[p[4]]}"
-    raise LoRAError(f"no original SDXL name for {path}")
-
-
-def block_index(sgm: str) -> int:
-    """kohya's SDXL block number of an original module path, 0-22: 0 the time and label
-    embeddings, 1-9 input_blocks.0-8, 10-12 middle_block.0-2, 13-21 output_blocks.0-8, 22 out."""
-    if m := re.match(r"(input_blocks|middle_block|output_blocks)\.(\d+)\.", sgm):
-        return {"input_blocks": 1, "middle_block": 10, "output_blocks": 13}[m[1]] + int(m[2])
-    return 22 if sgm.startswith("out.") else 0
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,9 +347,7 @@ def apply_lora_to_unet(
     layers = int(unet.config.layers_per_block)  # type: ignore[union-attr, arg-type]
     plan = {}
     for name, module in unet.named_modules():
-        if not (
-            TARGETS[target_mode](name, module) or (conv_rank and TARGETS["conv"](name, module))
-        ):
+        if not (TARGETS[target_mode](name, module) or (conv_rank and conv_target(name, module))):
             continue
         if isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1):
             plan[name] = (conv_rank, conv_alpha if conv_alpha is not None else conv_rank)
@@ -447,7 +374,7 @@ def apply_lora_to_text_encoders(
         plan = {
             name: (rank, alpha)
             for name, module in encoder.named_modules()
-            if TARGETS["text"](name, module) and not (unread and unread in name)
+            if text_target(name, module) and not (unread and unread in name)
         }
         names += [canonical(f"{component}.{n}") for n in add_adapters(encoder, plan, kind, dropout)]
     return names
@@ -473,33 +400,6 @@ def get_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter tensors: `<module>.lora.down.weight`, `.lora.up.weight`, `.lora.alpha` and
     for DoRA `.lora.magnitude`."""
     return {k: v for k, v in model.state_dict().items() if ".lora." in k}
-
-
-def split_component(key: str) -> tuple[str, str]:
-    """ "unet.down_blocks..." -> ("unet", "down_blocks...")."""
-    component, _, path = key.partition(".")
-    if component not in COMPONENTS:
-        raise LoRAError(f"adapter key {key} names no model part ({', '.join(COMPONENTS)})")
-    return component, path
-
-
-def canonical(key: str) -> str:
-    """An adapter key as the files name it: CLIP's layers under `text_model.`, as the weight files,
-    kohya, ComfyUI and diffusers have them (transformers 5 builds CLIPTextModel without that
-    level)."""
-    component, path = split_component(key)
-    if component != "unet" and path.startswith("encoder."):
-        return f"{component}.text_model.{path}"
-    return key
-
-
-def by_component(modules: LoRAModules) -> dict[str, dict[str, Adapter]]:
-    """{"unet": {path: adapter}, "text_encoder": {...}, ...}, for the parts that have adapters."""
-    parts: dict[str, dict[str, Adapter]] = {}
-    for key, adapter in modules.items():
-        component, path = split_component(key)
-        parts.setdefault(component, {})[path] = adapter
-    return parts
 
 
 def export_adapters(models: dict[str, nn.Module]) -> LoRAModules:
@@ -532,48 +432,6 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
         )
     for key, value in own.items():
         value.copy_(state_dict[key])
-
-
-@torch.no_grad()
-def attach_adapters(model: nn.Module, adapters: dict[str, Adapter]) -> None:
-    """Wrap exactly the named layers with adapters holding the given weights (from a file): a
-    DoRA adapter where there is a magnitude (DoRAOnInputs where it is one per input channel),
-    else LoRA."""
-    model.requires_grad_(False)
-    own = dict(model.named_modules())
-    for name, adapter in adapters.items():
-        if name not in own:  # the model may lack the files' text_model level (see canonical)
-            name = name.removeprefix("text_model.")
-        base = own.get(name)
-        if not (type(base) is nn.Linear or isinstance(base, nn.Conv2d)):
-            raise LoRAError(f"LoRA targets {name}, which is not a Linear or Conv2d of this model")
-        assert isinstance(base, (nn.Linear, nn.Conv2d))
-        kind: type[LoRA] = LoRA
-        if adapter.magnitude is not None:
-            kind = DoRAOnInputs if adapter.magnitude.dim() == 2 else DoRA
-        lora = kind(base, adapter.rank, adapter.alpha)
-        shapes_fit = adapter.down.numel() == lora.down.weight.numel() and (
-            adapter.up.numel() == lora.up.weight.numel()
-        )
-        if isinstance(lora, DoRA):
-            shapes_fit &= adapter.magnitude.numel() == lora.magnitude.numel()  # type: ignore[union-attr]
-        if not shapes_fit or adapter.down.shape[1] != lora.down.weight.shape[1]:
-            raise LoRAError(
-                f"LoRA shape mismatch at {name}: file has down {tuple(adapter.down.shape)} / up "
-                f"{tuple(adapter.up.shape)}, this model's layer is {tuple(base.weight.shape)} "
-                "(another architecture?)"
-            )
-        lora.load(adapter)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, AdaptedLayer(base, lora))
-
-
-def attach_lora(models: dict[str, nn.Module], modules: LoRAModules) -> None:
-    """Put adapters read from a file into the models they name (by component)."""
-    for component, adapters in by_component(modules).items():
-        if component not in models:
-            raise LoRAError(f"the LoRA adapts the {component}, which is not loaded here")
-        attach_adapters(models[component], adapters)
 
 
 def merge_lora(model: nn.Module, strength: float = 1.0) -> None:

@@ -30,6 +30,7 @@ import hashlib
 import json
 import re
 import struct
+import sys
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -39,19 +40,26 @@ from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 from torch import nn
 
+from cli.choices import LORA_FORMATS
 from sdxl.files import atomic_write
-from sdxl.lora import (
-    COMPONENTS,
-    Adapter,
-    LoRAError,
-    LoRAModules,
-    by_component,
-    canonical,
-    sgm_path,
-    split_component,
-)
-from sdxl.options import LORA_FORMATS
+from sdxl.lora import AdaptedLayer, Adapter, DoRA, LoRA, LoRAModules
+from sdxl.names import COMPONENTS, LoRAError, by_component, canonical, sgm_path, split_component
 from sdxl.weights import read_safetensors, read_safetensors_header
+
+DORA_IN_KOHYA_FORMAT = (
+    "warning: a DoRA file in kohya format loads correctly in ComfyUI and Forge only: AUTOMATIC1111 "
+    "applies its dora_scale per input channel (wrong weights, without a word) and kohya's "
+    "sd-scripts drops it (plain LoRA); README.md, 'Using the LoRA elsewhere'"
+)
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Print a warning to stderr the first time it is given in this process."""
+    if message not in _warned:
+        _warned.add(message)
+        print(message, file=sys.stderr)
+
 
 # In the metadata of every file the project writes for sharing, so that it can tell its own files.
 WRITTEN_BY = {"written_by": "sdxl-lora"}
@@ -146,48 +154,68 @@ def peft_config(adapters: dict[str, Adapter]) -> dict:
     }
 
 
-def to_state_dict(modules: LoRAModules, fmt: str, layers_per_block: int = 2) -> tuple[dict, dict]:
-    """(tensors, extra metadata) of one file format."""
-    tensors: dict[str, torch.Tensor] = {}
-    metadata: dict[str, str] = {}
+Tensors = dict[str, torch.Tensor]
+
+
+def native_tensors(modules: LoRAModules, layers_per_block: int) -> tuple[Tensors, dict]:
+    """Our state dict's layout."""
+    tensors: Tensors = {}
     for key, a in modules.items():
-        conv = a.down.dim() == 4
-        if fmt == "native":
-            tensors |= {f"{key}.lora.down.weight": a.down, f"{key}.lora.up.weight": a.up}
-            tensors[f"{key}.lora.alpha"] = torch.tensor(a.alpha)
-            if a.magnitude is not None:
-                tensors[f"{key}.lora.magnitude"] = a.magnitude
-        elif fmt == "kohya":
-            name = kohya_name(key, layers_per_block)
-            tensors |= {f"{name}.lora_down.weight": a.down, f"{name}.lora_up.weight": a.up}
-            tensors[f"{name}.alpha"] = torch.tensor(a.alpha)
-            if a.magnitude is not None:
-                # (out, 1[, 1, 1]) per output channel, (1, in[, 1, 1]) per input channel: ComfyUI
-                # tells the two apart by whether the first axis is the layer's output.
-                lead = tuple(a.magnitude.shape) if a.magnitude.dim() == 2 else (-1, 1)
-                tensors[f"{name}.dora_scale"] = a.magnitude.reshape(
-                    *lead, *[1] * (a.down.dim() - 2)
-                )
-        elif fmt == "diffusers":
-            tensors |= {f"{key}.lora_A.weight": a.down, f"{key}.lora_B.weight": a.up}
-            if a.magnitude is not None and a.magnitude.dim() == 2:
-                raise LoRAError(
-                    f"{key} has a DoRA magnitude per input channel, which peft's format cannot "
-                    "hold; save it in kohya format"
-                )
-            if a.magnitude is not None:  # peft's shapes
-                shape = (1, -1, 1, 1) if conv else (-1,)
-                tensors[f"{key}.lora_magnitude_vector"] = a.magnitude.reshape(shape)
-        else:
-            raise LoRAError(f"unknown LoRA format {fmt!r}; choose one of {LORA_FORMATS}")
-    if fmt == "diffusers":
-        # diffusers stores the peft LoraConfig of each component with the component's prefix.
-        configs = {
-            f"{component}.{k}": v
-            for component, adapters in by_component(modules).items()
-            for k, v in peft_config(adapters).items()
-        }
-        metadata["lora_adapter_metadata"] = json.dumps(configs)
+        tensors |= {f"{key}.lora.down.weight": a.down, f"{key}.lora.up.weight": a.up}
+        tensors[f"{key}.lora.alpha"] = torch.tensor(a.alpha)
+        if a.magnitude is not None:
+            tensors[f"{key}.lora.magnitude"] = a.magnitude
+    return tensors, {}
+
+
+def kohya_tensors(modules: LoRAModules, layers_per_block: int) -> tuple[Tensors, dict]:
+    """kohya's layout, which ComfyUI, AUTOMATIC1111 and Forge read."""
+    tensors: Tensors = {}
+    for key, a in modules.items():
+        name = kohya_name(key, layers_per_block)
+        tensors |= {f"{name}.lora_down.weight": a.down, f"{name}.lora_up.weight": a.up}
+        tensors[f"{name}.alpha"] = torch.tensor(a.alpha)
+        if a.magnitude is not None:
+            # (out, 1[, 1, 1]) per output channel, (1, in[, 1, 1]) per input channel: ComfyUI
+            # tells the two apart by whether the first axis is the layer's output.
+            lead = tuple(a.magnitude.shape) if a.magnitude.dim() == 2 else (-1, 1)
+            tensors[f"{name}.dora_scale"] = a.magnitude.reshape(*lead, *[1] * (a.down.dim() - 2))
+    return tensors, {}
+
+
+def diffusers_tensors(modules: LoRAModules, layers_per_block: int) -> tuple[Tensors, dict]:
+    """peft's layout, with each component's LoraConfig in the header load_lora_weights reads."""
+    tensors: Tensors = {}
+    for key, a in modules.items():
+        tensors |= {f"{key}.lora_A.weight": a.down, f"{key}.lora_B.weight": a.up}
+        if a.magnitude is not None and a.magnitude.dim() == 2:
+            raise LoRAError(
+                f"{key} has a DoRA magnitude per input channel, which peft's format cannot "
+                "hold; save it in kohya format"
+            )
+        if a.magnitude is not None:  # peft's shapes
+            shape = (1, -1, 1, 1) if a.down.dim() == 4 else (-1,)
+            tensors[f"{key}.lora_magnitude_vector"] = a.magnitude.reshape(shape)
+    # diffusers stores the peft LoraConfig of each component with the component's prefix.
+    configs = {
+        f"{component}.{k}": v
+        for component, adapters in by_component(modules).items()
+        for k, v in peft_config(adapters).items()
+    }
+    return tensors, {"lora_adapter_metadata": json.dumps(configs)}
+
+
+# The file layouts, by --lora_save_format / --format name.
+WRITERS = {"native": native_tensors, "diffusers": diffusers_tensors, "kohya": kohya_tensors}
+assert tuple(WRITERS) == LORA_FORMATS
+
+
+def to_state_dict(modules: LoRAModules, fmt: str, layers_per_block: int = 2) -> tuple[dict, dict]:
+    """(tensors, extra metadata) of one file format, the keys as the files name them."""
+    if fmt not in WRITERS:
+        raise LoRAError(f"unknown LoRA format {fmt!r}; choose one of {LORA_FORMATS}")
+    modules = {canonical(key): a for key, a in modules.items()}
+    tensors, metadata = WRITERS[fmt](modules, layers_per_block)
     return {k: v.contiguous() for k, v in tensors.items()}, metadata
 
 
@@ -206,28 +234,37 @@ def sharing_metadata(
     *,
     rank: int,
     alpha: float,
+    network_args: dict[str, str],
+    target_mode: str,
     base_model: str,
-    resolution: int,
+    resolution: tuple[int, int],
     steps: int,
     epoch: int,
     learning_rate: float,
+    unet_only: bool = True,
     v_prediction: bool = False,
     tag_frequency: dict[str, dict[str, int]] | None = None,
     title: str = "",
 ) -> dict[str, str]:
     """What other programs read from a LoRA file's metadata: kohya's `ss_*` keys (AUTOMATIC1111
     lists a LoRA under an SDXL checkpoint only when ss_base_model_version starts with sdxl_, and
-    shows ss_tag_frequency) and Stability's model-spec keys. The base model is named, not located.
+    shows ss_tag_frequency; `ss_network_args` describes the adapter as kohya's and LyCORIS's
+    network arguments: conv_dim, conv_alpha, block_dims, block_alphas, and for DoRA LyCORIS's
+    algo=lora with dora_wd) and Stability's model-spec keys. The base model is named, not located.
     """
+    lycoris = network_args.get("dora_wd") == "True"  # DoRA is LyCORIS's, not networks.lora's
+    width, height = resolution
     return {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(alpha),
+        "ss_network_args": json.dumps(network_args),
+        "ss_network_train_unet_only": str(unet_only),
         "ss_base_model_version": "sdxl_base_v1-0",
         "ss_v2": "False",
         "ss_v_parameterization": str(v_prediction),
         "ss_sd_model_name": model_name(base_model),
-        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_resolution": f"({width}, {height})",
         "ss_steps": str(steps),
         "ss_epoch": str(epoch),
         "ss_learning_rate": str(learning_rate),
@@ -236,9 +273,12 @@ def sharing_metadata(
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": title,
-        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.resolution": f"{width}x{height}",
         "modelspec.prediction_type": "v" if v_prediction else "epsilon",
         "modelspec.date": datetime.now().strftime("%Y-%m-%d"),
+        "rank": str(rank),
+        "alpha": str(alpha),
+        "target_mode": target_mode,
     }
 
 
@@ -262,6 +302,8 @@ def save_lora_file(
     recorded as metadata (`sharing_metadata`, and rank, alpha, target mode, step), with the hash of
     the tensors as written."""
     tensors, metadata = to_state_dict(modules, fmt, layers_per_block)
+    if fmt == "kohya" and any(a.magnitude is not None for a in modules.values()):
+        warn_once(DORA_IN_KOHYA_FORMAT)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     metadata.update({k: str(v) for k, v in info.items()})
@@ -369,3 +411,73 @@ def read_lora_file(path: str | Path, unet: nn.Module) -> LoRAModules:
     header, _ = read_safetensors_header(path)
     metadata = header.get("__metadata__", {})
     return from_state_dict(read_safetensors(path), metadata, unet)
+
+
+# ---------------------------------------------------------------------------------------------
+# Into the models: adapters read from a file, and a kind only other programs write
+# ---------------------------------------------------------------------------------------------
+
+
+def input_channel_norm(weight: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each input channel's weights, over every axis but the second.
+    (out, in, ...) -> (1, in)"""
+    return torch.linalg.vector_norm(weight.transpose(0, 1).flatten(1), dim=1)[None]
+
+
+class DoRAOnInputs(DoRA):
+    """DoRA with one magnitude per input channel, (1, in): what OneTrainer writes by default and
+    older LyCORIS wrote, and ComfyUI reads. Only read from files; training makes DoRA."""
+
+    norm = staticmethod(input_channel_norm)
+
+    @staticmethod
+    def along_channels(v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """(1, in) -> (1, in[, 1, 1])"""
+        return v.reshape(1, -1, *[1] * (weight.dim() - 2))
+
+    def output(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
+        # A scale per input channel does not factor out of the output: use the whole weight.
+        merged = self.merged_weight(layer.base_weight(torch.float32))
+        return layer.op(x, merged.to(x.dtype), layer.bias)
+
+
+@torch.no_grad()
+def attach_adapters(model: nn.Module, adapters: dict[str, Adapter]) -> None:
+    """Wrap exactly the named layers with adapters holding the given weights (from a file): a
+    DoRA adapter where there is a magnitude (DoRAOnInputs where it is one per input channel),
+    else LoRA."""
+    model.requires_grad_(False)
+    own = dict(model.named_modules())
+    for name, adapter in adapters.items():
+        if name not in own:  # the model may lack the files' text_model level (see canonical)
+            name = name.removeprefix("text_model.")
+        base = own.get(name)
+        if not (type(base) is nn.Linear or isinstance(base, nn.Conv2d)):
+            raise LoRAError(f"LoRA targets {name}, which is not a Linear or Conv2d of this model")
+        assert isinstance(base, (nn.Linear, nn.Conv2d))
+        kind: type[LoRA] = LoRA
+        if adapter.magnitude is not None:
+            kind = DoRAOnInputs if adapter.magnitude.dim() == 2 else DoRA
+        lora = kind(base, adapter.rank, adapter.alpha)
+        shapes_fit = adapter.down.numel() == lora.down.weight.numel() and (
+            adapter.up.numel() == lora.up.weight.numel()
+        )
+        if isinstance(lora, DoRA):
+            shapes_fit &= adapter.magnitude.numel() == lora.magnitude.numel()  # type: ignore[union-attr]
+        if not shapes_fit or adapter.down.shape[1] != lora.down.weight.shape[1]:
+            raise LoRAError(
+                f"LoRA shape mismatch at {name}: file has down {tuple(adapter.down.shape)} / up "
+                f"{tuple(adapter.up.shape)}, this model's layer is {tuple(base.weight.shape)} "
+                "(another architecture?)"
+            )
+        lora.load(adapter)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, AdaptedLayer(base, lora))
+
+
+def attach_lora(models: dict[str, nn.Module], modules: LoRAModules) -> None:
+    """Put adapters read from a file into the models they name (by component)."""
+    for component, adapters in by_component(modules).items():
+        if component not in models:
+            raise LoRAError(f"the LoRA adapts the {component}, which is not loaded here")
+        attach_adapters(models[component], adapters)

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from cli.choices import DOWNLOAD_HINT
 from sdxl.diffusion import NoiseSchedule
 from sdxl.files import cache_root
-from sdxl.options import DOWNLOAD_HINT
 from sdxl.single_file import (
     SINGLE_FILE_SUFFIXES,
     load_text_encoder_file,
@@ -85,6 +85,15 @@ def config_folder(model: Path) -> Path:
     """Where a model's configs and tokenizers are: its folder, or for a single file (which carries
     none) the SDXL configs the project ships."""
     return model if model.is_dir() else SDXL_CONFIGS
+
+
+def schedule_of(
+    model: Path, prediction_type: str | None = None, zero_terminal_snr: bool | None = None
+) -> NoiseSchedule:
+    """The model's noise schedule, from its scheduler config (the shipped one for a single file),
+    with the prediction type and zero terminal SNR overridden when given."""
+    config = config_folder(model) / "scheduler" / "scheduler_config.json"
+    return NoiseSchedule.from_config(config, prediction_type, zero_terminal_snr)
 
 
 def meta_models(model: Path) -> dict[str, torch.nn.Module]:
@@ -216,12 +225,11 @@ def load_sdxl(
     else:
         vae_source, vae = folder, SDXLVAE(load_vae_file(folder, configs, device))
     vae.set_tile_size(vae_tile_size)
-    schedule_config = configs / "scheduler" / "scheduler_config.json"
     return SDXLParts(
         unet=unet,
         text_encoder=text_encoder,
         vae=vae,
-        schedule=NoiseSchedule.from_config(schedule_config, prediction_type, zero_terminal_snr),
+        schedule=schedule_of(folder, prediction_type, zero_terminal_snr),
         text_sources=text_sources,
         vae_source=vae_source,
     )

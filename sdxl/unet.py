@@ -232,7 +232,7 @@ class _ConvFrozenWeight(torch.autograd.Function):
         return grad_x.contiguous(memory_format=ctx.x_format), None
 
 
-class Conv2d(nn.Conv2d):
+class LeanConv2d(nn.Conv2d):
     """nn.Conv2d that keeps nothing for backward while its weights are frozen.
 
     Autograd's convolution always saves its input, though only the weight gradient reads it: the
@@ -275,11 +275,11 @@ class ResnetBlock2D(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, cfg: UNetConfig):
         super().__init__()
         self.norm1 = GroupNormSiLU(cfg.norm_num_groups, in_ch, eps=cfg.norm_eps)
-        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = LeanConv2d(in_ch, out_ch, 3, padding=1)
         self.time_emb_proj = nn.Linear(cfg.time_embed_dim, out_ch)
         self.norm2 = GroupNormSiLU(cfg.norm_num_groups, out_ch, eps=cfg.norm_eps)
-        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
-        self.conv_shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.conv2 = LeanConv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = LeanConv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # emb is already SiLU(time embedding): the UNet applies that activation once for all ResNets.
@@ -391,7 +391,7 @@ class Transformer2DModel(nn.Module):
 class Downsample2D(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.conv = LeanConv2d(ch, ch, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -400,7 +400,7 @@ class Downsample2D(nn.Module):
 class Upsample2D(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = Conv2d(ch, ch, 3, padding=1)
+        self.conv = LeanConv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
         # Nearest-neighbour to the size of the matching down level (x2 when sizes are even; exact
@@ -556,7 +556,7 @@ class UNet2DConditionModel(nn.Module):
         c0, c1, c2 = cfg.block_out_channels
         heads, depth = cfg.num_heads, cfg.transformer_layers_per_block
 
-        self.conv_in = Conv2d(cfg.in_channels, c0, 3, padding=1)
+        self.conv_in = LeanConv2d(cfg.in_channels, c0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(c0, cfg.time_embed_dim)
         # Added conditioning: pooled text (1280) ++ 6 time ids embedded at 256 each = 2816 in SDXL.
         self.add_embedding = TimestepEmbedding(
@@ -579,7 +579,7 @@ class UNet2DConditionModel(nn.Module):
             ]
         )
         self.conv_norm_out = GroupNormSiLU(cfg.norm_num_groups, c0, eps=cfg.norm_eps)
-        self.conv_out = Conv2d(c0, cfg.out_channels, 3, padding=1)
+        self.conv_out = LeanConv2d(c0, cfg.out_channels, 3, padding=1)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> UNet2DConditionModel:

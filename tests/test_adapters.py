@@ -15,27 +15,24 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 import generate_images
 import train_sdxl
+from sdxl.checkpoint import load_checkpoint
 from sdxl.lora import (
     DoRA,
     LoRAError,
     apply_lora_to_text_encoders,
     apply_lora_to_unet,
-    attach_lora,
-    block_index,
-    canonical,
     components,
     count_parameters,
     export_adapters,
     get_lora_state_dict,
     lora_modules,
     merge_lora,
-    sgm_path,
 )
-from sdxl.lora_formats import kohya_name, read_lora_file, save_lora_file
+from sdxl.lora_formats import attach_lora, kohya_name, read_lora_file, save_lora_file
+from sdxl.names import block_index, canonical, sgm_path
 from sdxl.pretrained import load_sdxl
 from sdxl.text_encoders import SDXLTextEncoder
 from sdxl.unet import UNet2DConditionModel, load_unet
-from training.checkpoint import load_checkpoint
 
 PROMPTS = ["a red circle on a white background", "a blue square"]
 
@@ -389,9 +386,7 @@ ADAPTER_RUN = [
 
 
 def run(tiny_model, out, *extra):
-    return train_sdxl.main(
-        train_sdxl.build_parser().parse_args(train_argv(tiny_model, out, *ADAPTER_RUN, *extra))
-    )
+    return train_sdxl.main(train_sdxl.parse_args(train_argv(tiny_model, out, *ADAPTER_RUN, *extra)))
 
 
 def test_text_encoder_conv_dora_training_resumes_exactly_and_exports(tiny_model, tmp_path, capsys):
@@ -430,13 +425,13 @@ def test_text_encoder_conv_dora_training_resumes_exactly_and_exports(tiny_model,
     parts = load_sdxl(tiny_model, torch.float32)
     plain = parts.text_encoder.encode(PROMPTS)[0]
     from sampling.inference import apply_lora
-    from training.checkpoint import read_lora_weights
+    from sdxl.checkpoint import read_lora_weights
 
     apply_lora(components(parts.unet, parts.text_encoder), read_lora_weights(last, parts.unet))
     assert not torch.allclose(parts.text_encoder.encode(PROMPTS)[0], plain, atol=1e-4)
     out = tmp_path / "gen"
     generate_images.main(
-        generate_images.build_parser().parse_args(
+        generate_images.parse_args(
             ["--pretrained-model", str(tiny_model), "--lora-checkpoint", str(last)]
             + ["--prompt", "a cat", "--steps", "1", "--image-size", "64", "--output-dir", str(out)]
         )
@@ -458,7 +453,7 @@ def test_text_encoder_conv_dora_training_resumes_exactly_and_exports(tiny_model,
 def test_adapter_flags_are_checked(tiny_model, tmp_path, flags, message):
     from sdxl.errors import UserError
 
-    args = train_sdxl.build_parser().parse_args(train_argv(tiny_model, tmp_path, *flags))
+    args = train_sdxl.parse_args(train_argv(tiny_model, tmp_path, *flags))
     with pytest.raises(UserError, match=re.escape(message)):
         train_sdxl.check_args(args)
 
@@ -533,7 +528,7 @@ def test_a_kohya_file_with_text_encoder_conv_and_dora_keys_loads_fully(tiny_mode
         save_file({**kohya, **extra}, path)
         with pytest.raises(UserError, match=message):
             generate_images.main(
-                generate_images.build_parser().parse_args(
+                generate_images.parse_args(
                     ["--pretrained-model", str(tiny_model), "--lora-checkpoint", str(path)]
                     + ["--prompt", "x", "--steps", "1", "--image-size", "64"]
                     + ["--output-dir", str(tmp_path / "gen")]

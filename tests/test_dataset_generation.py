@@ -36,9 +36,7 @@ def gen_argv(tiny_model, out, *extra):
 
 
 def gen(tiny_model, out, *extra):
-    return generate_images.main(
-        generate_images.build_parser().parse_args(gen_argv(tiny_model, out, *extra))
-    )
+    return generate_images.main(generate_images.parse_args(gen_argv(tiny_model, out, *extra)))
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -129,7 +127,7 @@ def test_webdataset_shards_are_atomic_rebuilt_and_trainable(tiny_model, tmp_path
     # train_sdxl.py reads the shards directly.
     argv = train_argv(tiny_model, tmp_path / "run", "--use_lora", "--max_train_steps", "1")
     argv[argv.index("--data_dir") + 1] = str(out)
-    assert train_sdxl.main(train_sdxl.build_parser().parse_args(argv)).exists()
+    assert train_sdxl.main(train_sdxl.parse_args(argv)).exists()
 
 
 def test_the_coco_index_loads_in_pycocotools(tiny_model, tmp_path):
@@ -207,7 +205,7 @@ def random_lora(tiny_model, path: Path, seed: int) -> Path:
 
 def test_several_loras_are_merged_in_turn(tiny_model, tmp_path):
     from sampling.inference import apply_lora
-    from training.checkpoint import read_lora_weights
+    from sdxl.checkpoint import read_lora_weights
 
     a, b = random_lora(tiny_model, tmp_path / "a.safetensors", 1), random_lora(
         tiny_model, tmp_path / "b.safetensors", 2

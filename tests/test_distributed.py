@@ -10,8 +10,8 @@ import torch
 from conftest import ROOT, train_argv
 
 import train_sdxl
-from training.checkpoint import load_checkpoint
-from training.distributed import Distributed
+from sdxl.checkpoint import load_checkpoint
+from sdxl.device import Distributed
 
 
 def flags(tiny_model, out, batch_size, *extra):
@@ -67,9 +67,7 @@ def newest(out: Path, step: int) -> dict:
 
 def test_two_processes_equal_one_with_the_same_global_batch(tiny_model, tmp_path):
     single = tmp_path / "single"
-    train_sdxl.main(
-        train_sdxl.build_parser().parse_args(flags(tiny_model, single, 2, "--max_train_steps", "5"))
-    )
+    train_sdxl.main(train_sdxl.parse_args(flags(tiny_model, single, 2, "--max_train_steps", "5")))
     ddp = tmp_path / "ddp"
     res = torchrun(flags(tiny_model, ddp, 1, "--max_train_steps", "5", "--save_interval", "3"))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -89,7 +87,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_model, tmp_path
     step3 = max(ddp.glob("lora_step000003_2*.pt"))
     resumed = tmp_path / "resumed"
     last = train_sdxl.main(
-        train_sdxl.build_parser().parse_args(
+        train_sdxl.parse_args(
             flags(tiny_model, resumed, 2, "--max_train_steps", "5", "--resume", str(step3))
         )
     )

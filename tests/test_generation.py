@@ -12,12 +12,12 @@ from diffusers import StableDiffusionXLPipeline
 import generate_images
 import train_sdxl
 from sampling.inference import Pipeline, apply_lora, generate_unique_batch
+from sdxl.checkpoint import read_lora_weights
 from sdxl.errors import UserError
 from sdxl.lora import Adapter, apply_lora_to_unet, components, export_adapters
 from sdxl.lora_formats import save_lora_file
 from sdxl.pretrained import load_sdxl
 from sdxl.unet import load_unet
-from training.checkpoint import read_lora_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle on a white background", "a blue square"]
@@ -114,7 +114,7 @@ def gen_args(tiny_model, out, *extra):
         "2",
         *extra,
     ]
-    return generate_images.build_parser().parse_args(argv)
+    return generate_images.parse_args(argv)
 
 
 def test_generate_images_outputs_resume_and_training_on_them(tiny_model, lora_file, tmp_path):
@@ -170,7 +170,7 @@ def test_generate_images_outputs_resume_and_training_on_them(tiny_model, lora_fi
     assert (out / "00002.png").exists()
     assert all((out / f"{i:05d}.png").stat().st_mtime_ns == t for i, t in before.items())
     # The folder is a training dataset.
-    args = train_sdxl.build_parser().parse_args(
+    args = train_sdxl.parse_args(
         [
             "--data_dir",
             str(out),
@@ -240,7 +240,7 @@ def test_cli_error_is_one_line(tmp_path):
         text=True,
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines()[-1].startswith("error: --image-size '12x7'")
+    assert out.stderr.strip().splitlines()[-1].startswith("error: argument --image-size: '12x7'")
 
 
 def test_v_prediction_zero_snr_images_match_diffusers_pipeline(tiny_model):

@@ -11,13 +11,15 @@ from conftest import EXAMPLES, train_argv
 from PIL import Image
 
 import train_sdxl
+from cli.train import training_specs
+from sdxl.checkpoint import load_checkpoint
+from sdxl.device import resolve_precision
 from sdxl.diffusion import NoiseSchedule
 from sdxl.errors import UserError
-from training import noise
-from training.checkpoint import load_checkpoint
 from training.data_loader import CaptionRules, TrainingData, prepare, steps_per_epoch, with_repeats
+from training.loss import debiased_weight, elementwise_loss, training_loss
 from training.scan import scan
-from training.train_loop import debiased_weight, elementwise_loss
+from training.specs import LossSpec
 
 
 def run(tiny_model, out, *extra, data=None):
@@ -191,10 +193,9 @@ def test_optimizer_args_are_passed_and_bad_ones_are_one_line(tiny_model, tmp_pat
 
 def test_prodigy_lowers_the_loss_of_one_batch(tiny_model, tmp_path):
     """The overfit-one-batch test (tests/test_training.py) with Prodigy at its recommended lr 1."""
+    from sdxl.device import Distributed, resolve_precision
     from sdxl.pretrained import load_sdxl
     from training.data_loader import collate
-    from training.distributed import Distributed
-    from training.precision_util import resolve_precision
     from training.train_loop import build_trainer, train_step
 
     torch.manual_seed(0)
@@ -204,7 +205,8 @@ def test_prodigy_lowers_the_loss_of_one_batch(tiny_model, tmp_path):
     cpu = Distributed(0, 1, torch.device("cpu"))
     precision = resolve_precision("fp32", cpu.device)
     encoders = (parts.vae.moments, parts.text_encoder.encode)
-    tr = build_trainer(train_sdxl.parse_args(argv), parts, *encoders, precision, cpu, max_steps=40)
+    specs = training_specs(train_sdxl.parse_args(argv))
+    tr = build_trainer(specs, parts, *encoders, precision, cpu, max_steps=40)
     data = TrainingData(scan(EXAMPLES)[:2], 32, center_crop=True)
     batch = collate([data[(0, 0)], data[(1, 1)]])  # the same samples: the same noise and t
     losses = [train_step(tr, [batch], [])[0].item() for _ in range(40)]
@@ -217,12 +219,36 @@ def test_prodigy_lowers_the_loss_of_one_batch(tiny_model, tmp_path):
 SEEDS = torch.arange(8, dtype=torch.int64)
 
 
+class ZeroLatents:
+    """A VAE whose posterior sample is 0: the UNet's input is then sqrt(1 - abar_t) * its noise."""
+
+    def sample(self, moments, eps):
+        return torch.zeros_like(eps)
+
+
+def input_noise(spec, shape=(4, 32, 32)):
+    """(the noise of the UNet's input, the loss) of training_loss under `spec`, from a model that
+    records its input and predicts 0 (so the loss is the mean squared target)."""
+    seen = {}
+
+    def model(x, t, context, cond):
+        seen["x"], seen["t"] = x, t
+        return torch.zeros_like(x)
+
+    schedule = NoiseSchedule.scaled_linear()
+    n = len(SEEDS)
+    moments = torch.zeros(n, 2 * shape[0], *shape[1:])
+    mask = torch.ones(n, 1, *shape[1:])
+    fp32 = resolve_precision("fp32", torch.device("cpu"))
+    text = (torch.zeros(n, 77, 8), torch.zeros(n, 8), torch.zeros(n, 6))
+    loss = training_loss(model, ZeroLatents(), schedule, spec, fp32, moments, *text, SEEDS, mask)
+    sigma = (1 - schedule.alphas_cumprod[seen["t"]]).sqrt().reshape(-1, 1, 1, 1)
+    return seen["x"] / sigma, loss
+
+
 def test_multires_noise_is_unit_variance_and_smoother():
-    base = noise.make_noise(0.0)
-    plain, pyramid = base(SEEDS, (8, 4, 32, 32)), noise.multires_noise(base, 6, 0.8)(
-        SEEDS, (8, 4, 32, 32)
-    )
-    assert torch.equal(noise.multires_noise(base, 0, 0.8)(SEEDS, (8, 4, 32, 32)), plain)
+    plain, _ = input_noise(LossSpec())
+    pyramid, _ = input_noise(LossSpec(multires_iterations=6, multires_discount=0.8))
     assert pyramid.std(dim=(1, 2, 3)).sub(1).abs().max() < 1e-4
 
     def neighbour(x):  # the correlation of horizontal neighbours
@@ -231,10 +257,18 @@ def test_multires_noise_is_unit_variance_and_smoother():
     assert neighbour(pyramid) > neighbour(plain) + 0.1
 
 
+def test_offset_noise_adds_one_value_per_sample_and_channel():
+    plain, _ = input_noise(LossSpec())
+    offset, _ = input_noise(LossSpec(noise_offset=0.1))
+    diff = offset - plain
+    assert torch.allclose(diff, diff[:, :, :1, :1].expand(diff.shape), atol=1e-5)
+    assert diff.abs().amax(dim=(2, 3)).min() > 0
+
+
 def test_input_perturbation_moves_only_the_input():
-    n = noise.randn(SEEDS, noise.NOISE, (4, 8, 8))
-    assert torch.equal(noise.input_perturbation(0.0)(SEEDS, n), n)
-    perturbed = noise.input_perturbation(0.1)(SEEDS, n)
+    n, plain_loss = input_noise(LossSpec())
+    perturbed, loss = input_noise(LossSpec(ip_noise_gamma=0.1))
+    assert torch.equal(loss, plain_loss)  # the target (eps) is not perturbed
     extra = (perturbed - n) / 0.1
     assert (
         abs(extra.std() - 1) < 0.05
@@ -246,16 +280,18 @@ def test_debiased_weights_and_huber_losses():
     schedule = NoiseSchedule.scaled_linear()
     t = torch.tensor([0, 500, 999])
     torch.testing.assert_close(
-        debiased_weight(schedule)(t), 1 / schedule.snr(t).clamp(max=1000).sqrt()
+        debiased_weight(schedule, t), 1 / schedule.snr(t).clamp(max=1000).sqrt()
     )
     d = torch.tensor([1e-3, 5.0])
     target = torch.zeros(2)
-    huber = elementwise_loss("huber", 0.1)(d, target)
+    huber = elementwise_loss("huber", 0.1, d, target)
     assert huber[0] == pytest.approx(1e-6, rel=1e-3)  # |d| << c: the squared error
     assert huber[1] == pytest.approx(2 * 0.1 * 5.0, rel=0.03)  # |d| >> c: linear, 2c|d|
-    smooth = elementwise_loss("smooth_l1", 0.1)(d, target)
+    smooth = elementwise_loss("smooth_l1", 0.1, d, target)
     torch.testing.assert_close(smooth, huber / 0.1)
-    assert torch.equal(elementwise_loss("l2", 0.1)(d, target), d**2)
+    assert torch.equal(elementwise_loss("l2", 0.1, d, target), d**2)
+    with pytest.raises(ValueError, match="unknown loss type"):
+        elementwise_loss("l3", 0.1, d, target)
 
 
 # -- 6: repeats and nested folders --------------------------------------------------------------

@@ -14,13 +14,12 @@ from sdxl.lora import (
     Adapter,
     LoRA,
     apply_lora_to_unet,
-    attach_lora,
     export_adapters,
     get_lora_state_dict,
     load_lora_state_dict,
     merge_lora,
 )
-from sdxl.lora_formats import read_lora_file, save_lora_file
+from sdxl.lora_formats import attach_lora, read_lora_file, save_lora_file
 from sdxl.unet import UNet2DConditionModel, load_unet
 
 

@@ -96,9 +96,7 @@ def test_caches_are_built_before_the_unet_reaches_the_device(tiny_model, tmp_pat
     argv = ["--use_lora", "--cache_latents", "--cache_text_embeddings", "--max_train_steps", "1"]
     argv += ["--validation_prompts", str(prompts), "--validation_steps", "1"]
     argv += ["--validation_sampling_steps", "1", "--cache_dir", str(tmp_path / "cache")]
-    train_sdxl.main(
-        train_sdxl.build_parser().parse_args(train_argv(tiny_model, tmp_path / "out", *argv))
-    )
+    train_sdxl.main(train_sdxl.parse_args(train_argv(tiny_model, tmp_path / "out", *argv)))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["cuda_alloc_conf"] == os.environ["PYTORCH_CUDA_ALLOC_CONF"]
     first_unet = events.index("unet -> cpu")
@@ -165,11 +163,11 @@ def test_lora_on_an_fp8_base_trains(tiny_model, tmp_path):
     loss falls at least 2x in 30 steps (measured 1.35 -> 0.015), the fp8 weights untouched."""
     from conftest import EXAMPLES
 
+    from cli.train import training_specs
+    from sdxl.device import Distributed, resolve_precision
     from sdxl.frozen import FP8
     from sdxl.pretrained import load_sdxl
     from training.data_loader import TrainingData, collate
-    from training.distributed import Distributed
-    from training.precision_util import resolve_precision
     from training.scan import scan
     from training.train_loop import build_trainer, train_step
 
@@ -177,10 +175,10 @@ def test_lora_on_an_fp8_base_trains(tiny_model, tmp_path):
     parts = load_sdxl(tiny_model, torch.float32)
     flags = ["--use_lora", "--fp8_base", "--lora_rank", "8", "--lora_target_mode", "all"]
     flags += ["--learning_rate", "3e-3", "--adam_weight_decay", "0", "--conv_rank", "4"]
-    args = train_sdxl.build_parser().parse_args(train_argv(tiny_model, tmp_path, *flags))
+    args = train_sdxl.parse_args(train_argv(tiny_model, tmp_path, *flags))
     cpu = Distributed(0, 1, torch.device("cpu"))
     tr = build_trainer(
-        args,
+        training_specs(args),
         parts,
         parts.vae.moments,
         parts.text_encoder.encode,
@@ -203,7 +201,7 @@ def test_lora_on_an_fp8_base_trains(tiny_model, tmp_path):
 
 
 def test_the_allocator_setting_is_ours_only_where_the_user_set_none(monkeypatch):
-    from sdxl.options import default_allocator
+    from sdxl.device import default_allocator
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)

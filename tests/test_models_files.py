@@ -9,16 +9,14 @@ import torch
 from conftest import EXAMPLES, train_argv
 
 import train_sdxl
+from sdxl.checkpoint import adapter_modules, load_checkpoint
 from sdxl.lora_formats import read_lora_file
 from sdxl.unet import load_unet
 from sdxl.weights import read_safetensors_header
-from training.checkpoint import adapter_modules, load_checkpoint
 
 
 def train(tiny_model, out, *extra):
-    return train_sdxl.main(
-        train_sdxl.build_parser().parse_args(train_argv(tiny_model, out, *extra))
-    )
+    return train_sdxl.main(train_sdxl.parse_args(train_argv(tiny_model, out, *extra)))
 
 
 REQUIRED = [
@@ -163,7 +161,7 @@ def test_v_prediction_zero_snr_training_and_generation(tiny_model, tmp_path):
         "--lora-checkpoint",
         str(last),
     ]
-    generate_images.main(generate_images.build_parser().parse_args(argv))
+    generate_images.main(generate_images.parse_args(argv))
     settings = json.loads((tmp_path / "gen" / "generation_config.json").read_text())[
         "image_settings"
     ]

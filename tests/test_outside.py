@@ -26,23 +26,23 @@ import extract_lora_weights
 import generate_images
 import resume_training
 import train_sdxl
+from cli.options import run_cli
+from cli.train import training_specs
 from sampling.prompts import read_prompt_file
-from sdxl.errors import StoppedBySignal, UserError, run_cli
+from sdxl.checkpoint import load_checkpoint
+from sdxl.device import Distributed, resolve_precision
+from sdxl.errors import StoppedBySignal, UserError
 from sdxl.files import atomic_write
 from sdxl.pretrained import load_sdxl
 from sdxl.weights import read_safetensors_header
-from training.checkpoint import load_checkpoint, save_checkpoints
+from training.checkpoint import save_checkpoints
 from training.data_loader import TrainingData, assign_buckets, load_image
-from training.distributed import Distributed
-from training.precision_util import resolve_precision
 from training.scan import scan
 from training.train_loop import TrainState, build_trainer
 
 
 def train(tiny_model, out, *extra):
-    return train_sdxl.main(
-        train_sdxl.build_parser().parse_args(train_argv(tiny_model, out, *extra))
-    )
+    return train_sdxl.main(train_sdxl.parse_args(train_argv(tiny_model, out, *extra)))
 
 
 def metrics_steps(out: Path) -> list[int]:
@@ -77,14 +77,12 @@ def test_01_a_used_output_dir_is_refused_continued_or_overwritten(tiny_model, tm
         tiny_model, out, "--use_lora", "--max_train_steps", "1", "--lora_rank", "4", "--overwrite"
     )
     assert metrics_steps(out) == [1]
-    assert {load_checkpoint(p)["lora_config"]["rank"] for p in out.glob("*.pt")} == {4}
+    assert {load_checkpoint(p)["config"]["lora_rank"] for p in out.glob("*.pt")} == {4}
 
 
 def gen(tiny_model, out, *extra):
     argv = ["--pretrained-model", str(tiny_model), "--output-dir", str(out), "--image-size", "64"]
-    return generate_images.main(
-        generate_images.build_parser().parse_args([*argv, "--steps", "1", *extra])
-    )
+    return generate_images.main(generate_images.parse_args([*argv, "--steps", "1", *extra]))
 
 
 def test_01_generation_refuses_a_folder_made_with_other_settings(tiny_model, tmp_path):
@@ -106,13 +104,14 @@ def test_01_generation_refuses_a_folder_made_with_other_settings(tiny_model, tmp
 
 
 def test_02_a_failed_lowest_loss_save_keeps_the_previous_one(tiny_model, tmp_path, monkeypatch):
-    args = train_sdxl.build_parser().parse_args(train_argv(tiny_model, tmp_path, "--use_lora"))
+    args = train_sdxl.parse_args(train_argv(tiny_model, tmp_path, "--use_lora"))
     cpu = Distributed(0, 1, torch.device("cpu"))
     parts = load_sdxl(tiny_model, torch.float32)
-    tr = build_trainer(args, parts, None, None, resolve_precision("fp32", cpu.device), cpu, 10)
-    config = {**vars(args), "base_model": str(tiny_model)}
+    precision = resolve_precision("fp32", cpu.device)
+    tr = build_trainer(training_specs(args), parts, None, None, precision, cpu, 10)
+    config = {**vars(args), "base_model": str(tiny_model), "image_size": [32, 32]}
     state = TrainState(step=1)
-    save_checkpoints(tmp_path, ["step"], tr, state, config, 1.0, keep_last=0, share={})
+    save_checkpoints(tmp_path, ["step"], state.improves(1.0), tr, state, config, {})
     real_save = torch.save
 
     def disk_full_for_the_lowest(obj, f):
@@ -123,7 +122,7 @@ def test_02_a_failed_lowest_loss_save_keeps_the_previous_one(tiny_model, tmp_pat
     monkeypatch.setattr(torch, "save", disk_full_for_the_lowest)
     state.step = 2
     with pytest.raises(UserError, match="no space left on"):
-        save_checkpoints(tmp_path, ["step"], tr, state, config, 0.5, keep_last=0, share={})
+        save_checkpoints(tmp_path, ["step"], state.improves(0.5), tr, state, config, {})
     lowest = list(tmp_path.glob("*_lowest_loss.pt"))
     assert [p.name for p in lowest] == ["lora_step000001_lowest_loss.pt"]
     assert load_checkpoint(lowest[0])["step"] == 1 and not list(tmp_path.glob(".*.tmp"))
@@ -203,7 +202,7 @@ def test_06_a_truncated_jpeg_is_skipped_mid_run_not_fatal(tiny_model, tmp_path, 
     assert len(scan(data)) == 9  # Image.verify() does not decode a JPEG: the scan keeps it
     argv = train_argv(tiny_model, tmp_path / "out", "--use_lora", "--batch_size", "3")
     argv[argv.index("--data_dir") + 1] = str(data)
-    last = train_sdxl.main(train_sdxl.build_parser().parse_args([*argv, "--num_epochs", "2"]))
+    last = train_sdxl.main(train_sdxl.parse_args([*argv, "--num_epochs", "2"]))
     assert load_checkpoint(last)["step"] == 6  # 9 images, batch 3: two whole epochs
     skipped = [r.getMessage() for r in caplog.records if "zz_cut.jpg" in r.getMessage()]
     assert len(skipped) == 1 and "the next image takes its place" in skipped[0]
@@ -276,13 +275,13 @@ def test_08_config_has_absolute_paths_and_resume_works_from_anywhere(
     monkeypatch.chdir(work)
     argv = ["--data_dir", "data", "--output_dir", "out", "--pretrained_model", str(tiny_model)]
     argv += ["--image_size", "32", "--precision", "fp32", "--use_lora", "--max_train_steps", "1"]
-    train_sdxl.main(train_sdxl.build_parser().parse_args(argv))
+    train_sdxl.main(train_sdxl.parse_args(argv))
     config = json.loads((work / "out" / "config.json").read_text())
     assert config["data_dir"] == str(work / "data") and config["output_dir"] == str(work / "out")
     monkeypatch.chdir(tmp_path)
     resume_training.main(resume_training.parse_args(["--auto", str(work / "out")]))
     command = capsys.readouterr().out
-    assert f"--data_dir {work / 'data'} " in command and f"--output_dir {work / 'out'} " in command
+    assert f"--data_dir={work / 'data'} " in command and f"--output_dir={work / 'out'} " in command
 
 
 # -- 9, 10, 11: flags -------------------------------------------------------------------------
@@ -296,8 +295,8 @@ def test_08_config_has_absolute_paths_and_resume_works_from_anywhere(
             ["--gradient_accumulation_steps", "0"],
             "--gradient_accumulation_steps must be at least 1",
         ),
-        (["--image_size", "0"], "--image_size must be a positive multiple of 8"),
-        (["--image_size", "30"], "--image_size must be a positive multiple of 8"),
+        (["--image_size", "0"], "--image_size: '0': width and height must be positive multiples"),
+        (["--image_size", "30"], "--image_size: '30': width and height must be positive multiples"),
         (["--bucket", "--image_size", "32"], "--bucket needs --image_size 64 or more"),
         (["--learning_rate=-1e-4"], "--learning_rate must be positive"),
         (["--device", "tpu"], "--device 'tpu' is not a device"),
@@ -314,9 +313,8 @@ def test_09_10_11_bad_flags_are_one_line_errors_before_anything(
     (tmp_path / "f").write_text("a file")
     extra = [e.replace("FILE", str(tmp_path / "f")) for e in extra]
     out = tmp_path / "out"
-    args = train_sdxl.build_parser().parse_args(train_argv(tiny_model, out, "--use_lora", *extra))
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
-        train_sdxl.main(args)
+        train_sdxl.main(train_sdxl.parse_args(train_argv(tiny_model, out, "--use_lora", *extra)))
     assert not out.exists()  # nothing written
 
 

@@ -12,11 +12,11 @@ from diffusers import StableDiffusionXLPipeline
 import extract_lora_weights
 import resume_training
 import train_sdxl
+import training.train_loop
+from sdxl.checkpoint import load_checkpoint
 from sdxl.errors import StoppedBySignal, UserError
-from sdxl.lora import attach_lora
-from sdxl.lora_formats import read_lora_file
+from sdxl.lora_formats import attach_lora, read_lora_file
 from sdxl.unet import load_unet
-from training.checkpoint import load_checkpoint
 
 # 8 images, batch 2: 4 steps an epoch; 6 steps cross an epoch boundary.
 COMMON = [
@@ -35,7 +35,7 @@ COMMON = [
 
 
 def args_for(tiny_model, out, *extra):
-    return train_sdxl.build_parser().parse_args(train_argv(tiny_model, out, *COMMON, *extra))
+    return train_sdxl.parse_args(train_argv(tiny_model, out, *COMMON, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_resume_mid_epoch_equals_straight_run(tiny_model, tmp_path, straight):
 
 def test_signal_saves_and_resume_finishes(tiny_model, tmp_path, straight, monkeypatch):
     _, final = straight
-    real_step = train_sdxl.train_step
+    real_step = training.train_loop.train_step
     calls = {"n": 0}
 
     def step_then_sigterm(tr, micro, reg):
@@ -77,14 +77,14 @@ def test_signal_saves_and_resume_finishes(tiny_model, tmp_path, straight, monkey
             signal.raise_signal(signal.SIGTERM)
         return out
 
-    monkeypatch.setattr(train_sdxl, "train_step", step_then_sigterm)
+    monkeypatch.setattr(training.train_loop, "train_step", step_then_sigterm)
     with pytest.raises(StoppedBySignal) as info:  # exit code 143 from the command line
         train_sdxl.main(args_for(tiny_model, tmp_path, "--max_train_steps", "6"))
     assert info.value.signum == signal.SIGTERM
     stopped = info.value.checkpoint
     ckpt = load_checkpoint(stopped)
     assert ckpt["step"] == 5 and ckpt["epoch"] == 1 and ckpt["position"] == 2
-    monkeypatch.setattr(train_sdxl, "train_step", real_step)
+    monkeypatch.setattr(training.train_loop, "train_step", real_step)
     resumed = train_sdxl.main(
         args_for(tiny_model, tmp_path, "--max_train_steps", "6", "--resume", str(stopped))
     )

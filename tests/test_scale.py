@@ -23,7 +23,7 @@ def run(tiny_model, out, *extra):
         "0.3",
         *extra,
     )
-    train_sdxl.main(train_sdxl.build_parser().parse_args(argv))
+    train_sdxl.main(train_sdxl.parse_args(argv))
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -84,14 +84,10 @@ def test_changed_image_gets_a_new_cache_entry(tiny_model, tmp_path):
         "--cache_dir",
         str(cache),
     ]
-    train_sdxl.main(
-        train_sdxl.build_parser().parse_args([*args, "--output_dir", str(tmp_path / "a")])
-    )
+    train_sdxl.main(train_sdxl.parse_args([*args, "--output_dir", str(tmp_path / "a")]))
     assert len(list((cache / "latents").iterdir())) == 2
     Image.new("RGB", (40, 40), (0, 200, 0)).save(data / "1.png")  # same name, new content
-    train_sdxl.main(
-        train_sdxl.build_parser().parse_args([*args, "--output_dir", str(tmp_path / "b")])
-    )
+    train_sdxl.main(train_sdxl.parse_args([*args, "--output_dir", str(tmp_path / "b")]))
     assert len(list((cache / "latents").iterdir())) == 3  # the stale entry is not used
 
 
@@ -156,7 +152,7 @@ def test_bucketed_training_run(tiny_model, tmp_path, capsys):
         "--max_train_steps",
         "2",
     ]
-    last = train_sdxl.main(train_sdxl.build_parser().parse_args(argv))
+    last = train_sdxl.main(train_sdxl.parse_args(argv))
     assert last.exists()
     out = capsys.readouterr().out
     assert "192 x 64    2" in out and "64 x 192   2" in out

@@ -220,10 +220,10 @@ def test_the_scripts_train_and_generate_on_a_single_file(tiny_model, tiny_config
 
     path = write_sgm_file(tiny_model, tmp_path / "my-finetune.safetensors")
     argv = train_argv(path, tmp_path / "out", "--use_lora", "--max_train_steps", "1")
-    last = train_sdxl.main(train_sdxl.build_parser().parse_args(argv))
+    last = train_sdxl.main(train_sdxl.parse_args(argv))
     meta = json.loads((tmp_path / "out" / "config.json").read_text())
     assert meta["base_model"] == str(path)
     gen = ["--pretrained-model", str(path), "--lora-checkpoint", str(last), "--prompt", "a cat"]
     gen += ["--image-size", "64", "--steps", "1", "--output-dir", str(tmp_path / "gen")]
-    generate_images.main(generate_images.build_parser().parse_args(gen))
+    generate_images.main(generate_images.parse_args(gen))
     assert (tmp_path / "gen" / "00000.png").is_file()

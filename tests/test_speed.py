@@ -1,40 +1,45 @@
 """The training step and the sampling loop as CUDA graphs, and --compile (sdxl/capture.py).
 
-On the CPU the graphs' path runs without capturing (`use_graphs(tr, capture=False)`): static input
-buffers, one entry per input shape, kept gradients, tensor learning rates. It must give the eager
+On the CPU the graphs' path runs without capturing (`--cuda_graph` "uncaptured" in the specs): static
+input buffers, one entry per input shape, kept gradients, tensor learning rates. It must give the eager
 run's numbers bit for bit. The captured graphs themselves are checked on CUDA, skipped elsewhere.
 """
 
+import dataclasses
 import functools
 import json
 
 import pytest
 import torch
-from conftest import ROOT, train_argv
+from conftest import train_argv
 from PIL import Image
 
 import train_sdxl
+import training.train_loop
+from cli.generate import build_parser as build_generation_parser
+from cli.train import build_parser, training_specs
 from sampling.inference import Pipeline, generate_unique_batch, graphed_unet
 from sdxl.capture import Graphed
+from sdxl.checkpoint import load_checkpoint
+from sdxl.device import Distributed
 from sdxl.pretrained import load_sdxl
-from training.checkpoint import load_checkpoint
-from training.distributed import Distributed
 from training.optimizers import build_optimizer, tensor_learning_rates
-from training.train_loop import cuda_graph_obstacle, use_graphs
+from training.specs import OptimizerSpec
+from training.train_loop import cuda_graph_obstacle
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def graph_path_on_cpu(monkeypatch):
     """train_sdxl.main with the graphs' path, run eagerly (what the CPU can do)."""
-    build = train_sdxl.build_trainer
 
-    def build_with_graph_path(*args, **kwargs):
-        tr = build(*args, **kwargs)
-        use_graphs(tr, capture=False)
-        return tr
+    def specs_with_graph_path(args):
+        specs = training_specs(args)
+        return dataclasses.replace(
+            specs, step=dataclasses.replace(specs.step, cuda_graph="uncaptured")
+        )
 
-    monkeypatch.setattr(train_sdxl, "build_trainer", build_with_graph_path)
+    monkeypatch.setattr(train_sdxl, "training_specs", specs_with_graph_path)
 
 
 def two_shapes(folder):
@@ -82,7 +87,7 @@ def run(tiny_model, data, out, *extra):
     argv = train_argv(tiny_model, out, *STEP_OPTIONS, *extra)
     argv += ["--validation_prompts", str(prompts), "--validation_sampling_steps", "2"]
     argv[argv.index("--data_dir") + 1] = str(data)
-    return train_sdxl.main(train_sdxl.build_parser().parse_args(argv))
+    return train_sdxl.main(train_sdxl.parse_args(argv))
 
 
 def metrics(out):
@@ -137,25 +142,20 @@ def test_the_micro_step_reads_nothing_back(tiny_model, tmp_path, monkeypatch):
     option that adds work to the step, the micro-step (forward, loss, backward) makes no such read.
     (The update is not checked here: on the CPU, AdamW's non-capturable path reads its learning
     rate, which the capturable one on CUDA does not.)"""
-    build = train_sdxl.build_trainer
+    micro = training.train_loop.micro_step
+    calls = []
 
     def read_back(*args, name, **kwargs):
         raise AssertionError(f"the micro-step read a value back to the host: Tensor.{name}")
 
-    def build_guarded(*args, **kwargs):
-        tr = build(*args, **kwargs)
-        micro = tr.run_micro_step
+    def guarded(*inputs):
+        calls.append(1)
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+                m.setattr(torch.Tensor, name, functools.partialmethod(read_back, name=name))
+            return micro(*inputs)
 
-        def guarded(*inputs):
-            with monkeypatch.context() as m:
-                for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
-                    m.setattr(torch.Tensor, name, functools.partialmethod(read_back, name=name))
-                return micro(*inputs)
-
-        tr.run_micro_step = guarded
-        return tr
-
-    monkeypatch.setattr(train_sdxl, "build_trainer", build_guarded)
+    monkeypatch.setattr(training.train_loop, "micro_step", guarded)
     options = ["--use_lora", "--use_dora", "--conv_rank", "4", "--max_train_steps", "2"]
     options += ["--snr_gamma", "5", "--debiased_estimation_loss", "--noise_offset", "0.1"]
     options += [
@@ -166,22 +166,18 @@ def test_the_micro_step_reads_nothing_back(tiny_model, tmp_path, monkeypatch):
         "--lora_dropout",
         "0.1",
     ]
-    train_sdxl.main(
-        train_sdxl.build_parser().parse_args(train_argv(tiny_model, tmp_path, *options))
-    )
-    assert len(metrics(tmp_path)) == 2  # both steps ran through the guard
+    train_sdxl.main(train_sdxl.parse_args(train_argv(tiny_model, tmp_path, *options)))
+    assert len(metrics(tmp_path)) == 2 and len(calls) == 2  # both steps ran through the guard
 
 
 def test_learning_rate_tensor_is_filled_in_place(tiny_model, tmp_path):
     """A graph reads the learning rate from one tensor: the schedule must change that tensor's
     value, not replace it; and an optimizer state saved with float learning rates (by earlier
     versions) loads into the tensor form."""
-    args = train_sdxl.build_parser().parse_args(
-        train_argv(tiny_model, tmp_path, "--lr_scheduler", "linear", "--lr_warmup_steps", "3")
-    )
+    spec = OptimizerSpec(learning_rate=1e-3, lr_scheduler="linear", warmup_steps=3)
     weight, twin = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
-    optimizer, schedule = build_optimizer([{"params": [weight], "lr": 1e-3}], args, 10)
-    plain_optimizer, plain_schedule = build_optimizer([{"params": [twin], "lr": 1e-3}], args, 10)
+    optimizer, schedule = build_optimizer([("unet.w", weight)], ["unet"], spec, 10)
+    plain_optimizer, plain_schedule = build_optimizer([("unet.w", twin)], ["unet"], spec, 10)
     tensor_learning_rates(optimizer, torch.device("cpu"))
     lr = optimizer.param_groups[0]["lr"]
     assert isinstance(lr, torch.Tensor)
@@ -209,7 +205,7 @@ def test_learning_rate_tensor_is_filled_in_place(tiny_model, tmp_path):
 def test_what_runs_eagerly_says_why(tiny_model, tmp_path):
     def options(*extra):
         argv = train_argv(tiny_model, tmp_path, "--use_lora", *extra)
-        return train_sdxl.build_parser().parse_args(argv)
+        return training_specs(train_sdxl.parse_args(argv))
 
     one, two = Distributed(0, 1, torch.device("cuda")), Distributed(0, 2, torch.device("cuda"))
     assert cuda_graph_obstacle(options(), one) is None
@@ -260,7 +256,7 @@ def test_compile_gives_the_eager_losses(tiny_model, tmp_path, capsys):
     ):
         out = tmp_path / name
         argv = train_argv(tiny_model, out, "--use_lora", "--max_train_steps", "3", *extra)
-        train_sdxl.main(train_sdxl.build_parser().parse_args(argv))
+        train_sdxl.main(train_sdxl.parse_args(argv))
         losses[name] = [r["loss"] for r in metrics(out)]
     assert "--compile: new input shape" in capsys.readouterr().out
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
@@ -305,7 +301,7 @@ def test_cuda_graph_equals_eager_after_10_steps(
         argv += ["--device", "cuda", "--precision", precision, "--cuda_graph", mode]
         argv += ["--lr_warmup_steps", "5", "--learning_rate", "1e-3"]
         argv += ["--gradient_accumulation_steps", "2", "--batch_size", "2"]
-        runs[mode] = load_checkpoint(train_sdxl.main(train_sdxl.build_parser().parse_args(argv)))
+        runs[mode] = load_checkpoint(train_sdxl.main(train_sdxl.parse_args(argv)))
     assert "CUDA graphs: 1" in capsys.readouterr().out  # one shape: one graph of the micro-step
     for k, graphed in runs["auto"]["lora"].items():
         eager = runs["off"]["lora"][k]
@@ -325,7 +321,7 @@ def test_cuda_graph_sampling_equals_eager(tiny_model, deterministic_kernels):
 
 
 def test_flags_are_documented():
-    help_text = train_sdxl.build_parser().format_help()
+    help_text = build_parser().format_help()
     assert "--cuda_graph {auto,off}" in help_text and "--compile" in help_text
-    gen = (ROOT / "generate_images.py").read_text()
-    assert '"--cuda-graph"' in gen and '"--compile"' in gen
+    gen = build_generation_parser().format_help()
+    assert "--cuda-graph {auto,off}" in gen and "--compile" in gen

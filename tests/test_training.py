@@ -8,19 +8,19 @@ from conftest import EXAMPLES, train_argv
 
 import train_sdxl
 import training.noise
+from cli.train import training_specs
+from sdxl.checkpoint import load_checkpoint, prune_step_checkpoints, read_lora_weights
+from sdxl.device import Distributed, resolve_precision
 from sdxl.errors import UserError
 from sdxl.files import atomic_write
 from sdxl.pretrained import load_sdxl
-from training.checkpoint import load_checkpoint, prune_step_checkpoints, read_lora_weights
 from training.data_loader import TrainingData, collate
-from training.distributed import Distributed
-from training.precision_util import resolve_precision
 from training.scan import scan
 from training.train_loop import TrainingError, build_trainer, train_step
 
 
 def train_args(tiny_model, output_dir, *extra: str):
-    return train_sdxl.build_parser().parse_args(train_argv(tiny_model, output_dir, *extra))
+    return train_sdxl.parse_args(train_argv(tiny_model, output_dir, *extra))
 
 
 def test_overfit_one_batch_and_only_adapters_change(tiny_model, tmp_path):
@@ -36,7 +36,7 @@ def test_overfit_one_batch_and_only_adapters_change(tiny_model, tmp_path):
     cpu = Distributed(0, 1, torch.device("cpu"))
     precision = resolve_precision("fp32", cpu.device)
     encoders = (parts.vae.moments, parts.text_encoder.encode)
-    tr = build_trainer(args, parts, *encoders, precision, cpu, max_steps=40)
+    tr = build_trainer(training_specs(args), parts, *encoders, precision, cpu, max_steps=40)
     data = TrainingData(scan(EXAMPLES)[:2], 32, center_crop=True)
     # The same batch every step: the same sample ids, so the same noise and timesteps.
     batch = collate([data[(0, 0)], data[(1, 1)]])
@@ -78,7 +78,12 @@ def test_lora_run_writes_outputs_and_checkpoint_contents(tiny_model, tmp_path):
     assert len([n for n in names if n.endswith("_lowest_loss.pt")]) == 1
     ckpt = load_checkpoint(last)
     assert ckpt["step"] == 6 and ckpt["epoch"] == 0 and ckpt["position"] == 6
-    assert ckpt["lora_config"] == {"rank": 4, "alpha": 32.0, "target_mode": "attention"}
+    config = ckpt["config"]
+    assert (config["lora_rank"], config["lora_alpha"], config["lora_target_mode"]) == (
+        4,
+        32.0,
+        "attention",
+    )
     assert set(ckpt) >= {
         "lora",
         "optimizer",
@@ -86,7 +91,7 @@ def test_lora_run_writes_outputs_and_checkpoint_contents(tiny_model, tmp_path):
         "scaler",
         "rng",
         "config",
-        "base_model",
+        "tag_frequency",
         "smoothed_loss",
     }
     assert all(".lora." in k for k in ckpt["lora"])
@@ -115,10 +120,10 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_nan_loss_stops_without_writing_weights(tiny_model, tmp_path, monkeypatch):
     # --noise_offset nan used to make the NaN; flags are checked now, so the noise is patched.
-    def nan_noise(offset):
-        return lambda seeds, shape: torch.full(tuple(shape), float("nan"))
+    def nan_noise(seeds, stream, shape):
+        return torch.full((len(seeds), *shape), float("nan"))
 
-    monkeypatch.setattr(training.noise, "make_noise", nan_noise)
+    monkeypatch.setattr(training.noise, "randn", nan_noise)
     args = train_args(tiny_model, tmp_path, "--use_lora", "--max_train_steps", "3")
     with pytest.raises(TrainingError, match="loss is nan"):
         train_sdxl.main(args)

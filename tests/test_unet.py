@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from bench.unet_step import MALLINFO2, malloc_in_use
 from sdxl.errors import UserError
-from sdxl.unet import Conv2d, GroupNormSiLU, UNet2DConditionModel, load_unet
+from sdxl.unet import GroupNormSiLU, LeanConv2d, UNet2DConditionModel, load_unet
 from sdxl.weights import WeightsError
 
 # The numerical tests run on the CPU everywhere, and on the GPU too where one is present (CI has
@@ -237,7 +237,7 @@ def test_frozen_convolution_and_groupnorm_silu_keep_less_for_backward():
     torch.manual_seed(0)
     x = torch.randn(1, 64, 64, 64, requires_grad=True)
     map_bytes = x.numel() * x.element_size()  # 1 MiB
-    norm, conv = GroupNormSiLU(32, 64), Conv2d(64, 64, 3, padding=1)
+    norm, conv = GroupNormSiLU(32, 64), LeanConv2d(64, 64, 3, padding=1)
     ref_norm, ref_conv = torch.nn.GroupNorm(32, 64), torch.nn.Conv2d(64, 64, 3, padding=1)
     ref_norm.load_state_dict(norm.state_dict())
     ref_conv.load_state_dict(conv.state_dict())
@@ -264,7 +264,7 @@ def test_frozen_convolution_input_gradient(stride, autocast, device):
     """The frozen path computes only the input gradient, from the weight: equal to nn.Conv2d's,
     in channels_last too and under autocast (where the forward runs in bf16)."""
     torch.manual_seed(0)
-    conv = Conv2d(8, 16, 3, stride=stride, padding=1, device=device).requires_grad_(False)
+    conv = LeanConv2d(8, 16, 3, stride=stride, padding=1, device=device).requires_grad_(False)
     ref = torch.nn.Conv2d(8, 16, 3, stride=stride, padding=1, device=device).requires_grad_(False)
     ref.load_state_dict(conv.state_dict())
     for memory_format in (torch.contiguous_format, torch.channels_last):

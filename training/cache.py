@@ -21,10 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from sdxl.files import atomic_write
+from sdxl.device import Distributed
+from sdxl.files import atomic_write, cache_root
 from sdxl.pretrained import SDXLParts
 from training.data_loader import UNREADABLE, TrainingData, record_bytes, sample_seed
-from training.distributed import Distributed
+from training.specs import DataSpec
 
 # Bump to retire every cached latent (when the way images are decoded changes: EXIF and 16-bit
 # handling came with version 2).
@@ -65,14 +66,14 @@ class CachedLatents(TrainingData):
         super().__init__(
             data.records,
             data.size,
-            data.center_crop,
-            data.random_flip,
-            data.caption_dropout,
-            data.seed,
-            data.targets,
-            data.captions,
-            data.masked,
-            data.first_id,
+            center_crop=data.center_crop,
+            random_flip=data.random_flip,
+            caption_dropout=data.caption_dropout,
+            seed=data.seed,
+            buckets=data.targets,
+            captions=data.captions,
+            masked=data.masked,
+            first_id=data.first_id,
         )
         folder = cache_dir / "latents"
         folder.mkdir(parents=True, exist_ok=True)
@@ -153,26 +154,22 @@ def moments_as_given(moments: torch.Tensor) -> torch.Tensor:
 
 
 def encoders(
-    parts: SDXLParts,
-    sets: list[TrainingData | None],
-    cache_latents: bool,
-    cache_text: bool,
-    cache_dir: Path,
-    dist: Distributed,
-    chunks: int = 1,
+    parts: SDXLParts, sets: list[TrainingData | None], spec: DataSpec, dist: Distributed
 ) -> tuple[list, ImageEncoder, TextEncoder]:
     """Decide once how a run encodes its batches: the VAE and text encoders on the fly, or cache
-    files written now (by the first process; the others then read them). Returns the data sets
-    (their items carry moments when latents are cached; None stays None) and the two encoders.
-    Captions are encoded in `chunks` chunks of 75 tokens."""
+    files written now (by the first process; the others then read them) into the spec's cache
+    folder. Returns the data sets (their items carry moments when latents are cached; None stays
+    None) and the two encoders. Captions are encoded in chunks of 75 tokens."""
+    chunks = spec.max_token_length // 75
+    cache_dir = spec.cache_dir or cache_root() / "cache"
     encode_images: ImageEncoder = parts.vae.moments
     encode_text: TextEncoder = functools.partial(parts.text_encoder.encode, chunks=chunks)
     with dist.first_process_first():
-        if cache_latents:
+        if spec.cache_latents:
             vae_id = folder_identity(parts.vae_source)
             sets = [d and CachedLatents(d, parts.vae, cache_dir, vae_id) for d in sets]
             encode_images = moments_as_given
-        if cache_text:
+        if spec.cache_text_embeddings:
             text_id = "".join(folder_identity(source) for source in parts.text_sources)
             captions = [r.caption for d in sets if d is not None for r in d.records]
             encode_text = CachedText(

@@ -13,7 +13,6 @@ resumes mid-way, or is split over several processes.
 
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
 import logging
@@ -26,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from training.distributed import Distributed
-from training.scan import DataError, Record
+from sdxl.device import Distributed
+from sdxl.files import cache_root
+from training.scan import DataError, Record, scan
+from training.specs import DataSpec
 
 log = logging.getLogger(__name__)
 
@@ -115,21 +116,24 @@ def prepare(
 # ---------------------------------------------------------------------------------------------
 
 
-def bucket_sizes(image_size: int, max_ratio: float = 4.0) -> list[tuple[int, int]]:
-    """(width, height) pairs with sides in multiples of 64 and at most image_size^2 pixels: for each
-    width the largest height, and the same turned on its side; aspect ratios up to `max_ratio`."""
-    area, sizes = image_size * image_size, set()
-    for w in range(64, 4 * image_size + 1, 64):
+def bucket_sizes(size: int | tuple[int, int], max_ratio: float = 4.0) -> list[tuple[int, int]]:
+    """(width, height) pairs with sides in multiples of 64 and at most the training size's area
+    (size^2, or width x height): for each width the largest height, and the same turned on its
+    side; aspect ratios up to `max_ratio`."""
+    width, height = (size, size) if isinstance(size, int) else size
+    area, sizes = width * height, set()
+    side = math.isqrt(area)
+    for w in range(64, 4 * side + 1, 64):
         h = area // w // 64 * 64
         if h >= 64 and max(w / h, h / w) <= max_ratio:
             sizes |= {(w, h), (h, w)}
     return sorted(sizes)
 
 
-def assign_buckets(records: list[Record], image_size: int) -> list[tuple[int, int]]:
+def assign_buckets(records: list[Record], size: int | tuple[int, int]) -> list[tuple[int, int]]:
     """Each record's bucket: the one whose aspect ratio is closest to the image's (in log space),
     from the upright size the scan recorded."""
-    sizes = bucket_sizes(image_size)
+    sizes = bucket_sizes(size)
     return [
         min(sizes, key=lambda s: abs(math.log(s[0] / s[1]) - math.log(r.size[0] / r.size[1])))
         for r in records
@@ -202,7 +206,8 @@ class TrainingData(torch.utils.data.Dataset):
     def __init__(
         self,
         records: list[Record],
-        image_size: int,
+        size: int | tuple[int, int],
+        *,
         center_crop: bool = False,
         random_flip: bool = False,
         caption_dropout: float = 0.0,
@@ -212,14 +217,15 @@ class TrainingData(torch.utils.data.Dataset):
         masked: bool = False,
         first_id: int = 0,
     ):
-        self.records, self.size, self.seed = records, image_size, seed
+        size = (size, size) if isinstance(size, int) else size  # (width, height)
+        self.records, self.size, self.seed = records, size, seed
         self.center_crop, self.random_flip = center_crop, random_flip
         self.caption_dropout, self.captions, self.masked = caption_dropout, captions, masked
         # Where its sample ids start: regularisation data starts far from the training data, so
         # that their samples' seeds (and noise) differ.
         self.first_id = first_id
-        # Each record's (width, height) target: its bucket, or the square training size.
-        self.targets = buckets or [(image_size, image_size)] * len(records)
+        # Each record's (width, height) target: its bucket, or the training size.
+        self.targets = buckets or [size] * len(records)
         self.unreadable: set[str] = set()  # keys already warned about
 
     def __len__(self) -> int:
@@ -265,27 +271,54 @@ REGULARISATION_IDS = 2**40  # the first sample id of the regularisation data
 
 
 def datasets(
-    args: argparse.Namespace, train: list[Record], val: list[Record], reg: list[Record]
+    spec: DataSpec, train: list[Record], val: list[Record], reg: list[Record]
 ) -> tuple[TrainingData, TrainingData, TrainingData | None]:
-    """The run's training, validation and regularisation data, shaped by train_sdxl.py's options:
-    repeats, buckets (each set its own), crops, flips, caption rules and dropout, loss masks. The
+    """The run's training, validation and regularisation data, shaped by the spec: repeats,
+    buckets (each set its own), crops, flips, caption rules and dropout, loss masks. The
     validation data is each record once, centre-cropped, as its captions say."""
     rules = CaptionRules(
-        args.shuffle_caption,
-        args.keep_tokens,
-        args.caption_separator,
-        args.caption_tag_dropout_rate,
+        shuffle=spec.shuffle_caption,
+        keep_tokens=spec.keep_tokens,
+        separator=spec.caption_separator,
+        tag_dropout=spec.caption_tag_dropout_rate,
     )
 
     def shaped(records: list[Record], first_id: int = 0) -> TrainingData:
         records = with_repeats(records)
-        buckets = assign_buckets(records, args.image_size) if args.bucket else None
-        augment = (args.center_crop, args.random_flip, args.caption_dropout)
-        size, seed, masked = args.image_size, args.seed, args.masked_loss
-        return TrainingData(records, size, *augment, seed, buckets, rules, masked, first_id)
+        return TrainingData(
+            records,
+            spec.size,
+            center_crop=spec.center_crop,
+            random_flip=spec.random_flip,
+            caption_dropout=spec.caption_dropout,
+            seed=spec.seed,
+            buckets=assign_buckets(records, spec.size) if spec.bucket else None,
+            captions=rules,
+            masked=spec.masked_loss,
+            first_id=first_id,
+        )
 
-    val_data = TrainingData(val, args.image_size, True, seed=args.seed, masked=args.masked_loss)
+    val_data = TrainingData(
+        val, spec.size, center_crop=True, seed=spec.seed, masked=spec.masked_loss
+    )
     return shaped(train), val_data, shaped(reg, REGULARISATION_IDS) if reg else None
+
+
+def read_data(
+    spec: DataSpec,
+) -> tuple[list[Record], TrainingData, TrainingData, TrainingData | None]:
+    """Scan the spec's folders (with the scan index in the cache folder), hold out the validation
+    split, and shape the sets (`datasets`): (training records, training, validation and
+    regularisation data)."""
+    index = (spec.cache_dir or cache_root() / "cache") / "scan"
+    records = scan(spec.data_dir, index, caption_extension=spec.caption_extension)
+    reg = (
+        scan(spec.reg_data_dir, index, caption_extension=spec.caption_extension)
+        if spec.reg_data_dir
+        else []
+    )
+    train, val = split_validation(records, spec.validation_split, spec.seed)
+    return (records, *datasets(spec, train, val, reg))
 
 
 def paired_steps(

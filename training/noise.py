@@ -15,7 +15,7 @@ The hash is Wellons' "lowbias32" (github.com/skeeto/hash-prospector), applied in
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,62 +67,29 @@ def randn(seeds: torch.Tensor, stream: int, shape: Sequence[int]) -> torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------
-# The step's random draws, resolved once from the options
+# Draws the loss makes (training/loss.py)
 # ---------------------------------------------------------------------------------------------
 
-NoiseFn = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
 
-
-def make_noise(offset: float) -> NoiseFn:
-    """The diffusion noise for latents of shape (B, C, H, W). With `offset` > 0 ("noise offset",
-    Guttenberg 2023), one extra Gaussian per sample and channel, constant over the image, is added
-    with that weight, which lets the model learn overall brightness shifts."""
-
-    def plain(seeds: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-        return randn(seeds, NOISE, shape[1:])
-
-    def with_offset(seeds: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-        return plain(seeds, shape) + offset * randn(seeds, OFFSET, (shape[1], 1, 1))
-
-    return plain if offset == 0 else with_offset
-
-
-def multires_noise(base: NoiseFn, iterations: int, discount: float) -> NoiseFn:
-    """Multi-resolution ("pyramid") noise (Whitaker 2023, "Multi-Resolution Noise for Diffusion
-    Model Training"): Gaussian noise at 1/2, 1/4, ... of the latent size, upsampled and added with
-    weights discount^i, then scaled back to unit variance per sample. The paper draws each level's
-    scale between 2 and 4; here it is 2^i, so that the whole batch shares its shapes."""
-    if iterations == 0:
-        return base
-
-    def noise(seeds: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-        n = base(seeds, shape)
-        h, w = shape[2], shape[3]
-        for i in range(1, min(iterations, 8) + 1):
-            size = (max(1, h >> i), max(1, w >> i))
-            low = randn(seeds, MULTIRES + i - 1, (shape[1], *size))
-            n = n + F.interpolate(low, size=(h, w), mode="bilinear") * discount**i
-            if size == (1, 1):
-                break
-        return n / n.std(dim=(1, 2, 3), keepdim=True)
-
-    return noise
-
-
-def input_perturbation(gamma: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The noise the UNet's input is made with: the target's noise plus gamma times fresh noise
-    (Ning et al. 2023, "Input Perturbation Reduces Exposure Bias in Diffusion Models"); the target
-    keeps the unperturbed noise. With gamma 0, the target's noise itself."""
-    if gamma == 0:
-        return lambda seeds, n: n
-    return lambda seeds, n: n + gamma * randn(seeds, PERTURBATION, n.shape[1:])
-
-
-def uniform_timesteps(num_train_timesteps: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def uniform_timesteps(seeds: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
     """t uniform over 0 .. T-1, one per seed (int64)."""
+    u = rand(seeds, TIMESTEP, (1,))[:, 0]  # (0, 1]
+    return ((1.0 - u) * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)
 
-    def draw(seeds: torch.Tensor) -> torch.Tensor:
-        u = rand(seeds, TIMESTEP, (1,))[:, 0]  # (0, 1]
-        return ((1.0 - u) * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)
 
-    return draw
+def pyramid(
+    eps: torch.Tensor, seeds: torch.Tensor, iterations: int, discount: float
+) -> torch.Tensor:
+    """Multi-resolution ("pyramid") noise (Whitaker 2023, "Multi-Resolution Noise for Diffusion
+    Model Training"): Gaussian noise at 1/2, 1/4, ... of the latent size, upsampled and added to
+    `eps` (B, C, H, W) with weights discount^i, then scaled back to unit variance per sample. The
+    paper draws each level's scale between 2 and 4; here it is 2^i, so that the whole batch shares
+    its shapes. At most 8 levels."""
+    _, channels, h, w = eps.shape
+    for i in range(1, min(iterations, 8) + 1):
+        size = (max(1, h >> i), max(1, w >> i))
+        low = randn(seeds, MULTIRES + i - 1, (channels, *size))
+        eps = eps + F.interpolate(low, size=(h, w), mode="bilinear") * discount**i
+        if size == (1, 1):
+            break
+    return eps / eps.std(dim=(1, 2, 3), keepdim=True)

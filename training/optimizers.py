@@ -1,10 +1,10 @@
 """The optimizers `--optimizer` chooses, each with the learning-rate schedule it runs under.
 
-One function per optimizer, one entry in OPTIMIZERS. `--optimizer_args key=value ...` are passed on
-as keyword arguments (values read as Python literals: 0.9, True, (0.9, 0.99); anything else a
-string). The packages beyond torch and transformers are optional: `uv sync --extra optimizers`.
+One function per optimizer, one entry in OPTIMIZERS. `--optimizer_args key=value ...` (read by
+cli/train.py) are passed on as keyword arguments. The packages beyond torch and transformers are optional: `uv sync --extra optimizers`.
 
-- adamw: torch's AdamW (the default), with --adam_epsilon and --adam_weight_decay.
+- adamw: torch's AdamW (the default), with --adam_epsilon and --adam_weight_decay (an
+  --optimizer_args weight_decay= or eps= wins over them, as in kohya).
 - adamw8bit: bitsandbytes' 8-bit AdamW (Dettmers et al. 2022): optimizer state in 8 bits, a
   quarter of the memory; CUDA only.
 - adafactor: transformers' Adafactor (Shazeer and Stern 2018) in its relative-step form: it sets
@@ -16,120 +16,142 @@ string). The packages beyond torch and transformers are optional: `uv sync --ext
 
 from __future__ import annotations
 
-import argparse
-import ast
+import math
 from collections.abc import Callable
 
 import torch
 
+from cli.choices import LR_SCHEDULERS, OPTIMIZER_NAMES
 from sdxl.errors import UserError
-from training.train_util import lr_lambda
+from training.specs import OptimizerSpec
 
 Schedule = torch.optim.lr_scheduler.LRScheduler
+Groups = list[dict]  # parameter groups: {"params": [...], "lr": ...}
 
 
-def optimizer_kwargs(pairs: list[str]) -> dict[str, object]:
-    """`--optimizer_args key=value ...` as keyword arguments."""
-    kwargs: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key.isidentifier():
-            raise UserError(f"--optimizer_args {pair!r} is not key=value (e.g. betas=(0.9,0.99))")
-        try:
-            kwargs[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            kwargs[key] = text
-    return kwargs
+def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at optimizer step s: linear warm-up, then constant,
+    linear decay to 0, or cosine decay to 0."""
+    if kind not in LR_SCHEDULERS:
+        raise ValueError(f"unknown lr scheduler {kind!r}")
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return 1.0 - progress
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return f
 
 
-def _lambda_schedule(
-    optimizer: torch.optim.Optimizer, args: argparse.Namespace, max_steps: int
-) -> Schedule:
+def _lambda_schedule(optimizer: torch.optim.Optimizer, spec: OptimizerSpec, steps: int) -> Schedule:
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(args.lr_scheduler, args.lr_warmup_steps, max_steps)
+        optimizer, lr_lambda(spec.lr_scheduler, spec.warmup_steps, steps)
     )
 
 
-def adamw(params, args, kwargs, max_steps):
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=args.learning_rate,
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-        **kwargs,
-    )
-    return optimizer, _lambda_schedule(optimizer, args, max_steps)
+def adamw(
+    groups: Groups, spec: OptimizerSpec, steps: int
+) -> tuple[torch.optim.Optimizer, Schedule]:
+    kwargs = {"weight_decay": spec.weight_decay, "eps": spec.eps, **spec.extra}
+    optimizer = torch.optim.AdamW(groups, lr=spec.learning_rate, **kwargs)
+    return optimizer, _lambda_schedule(optimizer, spec, steps)
 
 
-def adamw8bit(params, args, kwargs, max_steps):
+def adamw8bit(
+    groups: Groups, spec: OptimizerSpec, steps: int
+) -> tuple[torch.optim.Optimizer, Schedule]:
     try:
         import bitsandbytes as bnb
     except ImportError:
         raise UserError(
             "--optimizer adamw8bit needs bitsandbytes: uv sync --extra optimizers"
         ) from None
-    if not all(p.is_cuda for group in params for p in group["params"]):
+    if not all(p.is_cuda for group in groups for p in group["params"]):
         raise UserError(
             "--optimizer adamw8bit (bitsandbytes) runs on CUDA GPUs only; use adamw here"
         )
-    optimizer = bnb.optim.AdamW8bit(
-        params,
-        lr=args.learning_rate,
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-        **kwargs,
-    )
-    return optimizer, _lambda_schedule(optimizer, args, max_steps)
+    kwargs = {"weight_decay": spec.weight_decay, "eps": spec.eps, **spec.extra}
+    optimizer = bnb.optim.AdamW8bit(groups, lr=spec.learning_rate, **kwargs)
+    return optimizer, _lambda_schedule(optimizer, spec, steps)
 
 
-def adafactor(params, args, kwargs, max_steps):
+def adafactor(
+    groups: Groups, spec: OptimizerSpec, steps: int
+) -> tuple[torch.optim.Optimizer, Schedule]:
     from transformers.optimization import Adafactor, AdafactorSchedule
 
+    kwargs = {"weight_decay": spec.weight_decay, "scale_parameter": True, "warmup_init": False}
+    kwargs |= spec.extra
     relative = kwargs.pop("relative_step", True)
-    kwargs = {"scale_parameter": True, "warmup_init": False, **kwargs}
     optimizer = Adafactor(
-        params,
-        lr=None if relative else args.learning_rate,
-        relative_step=relative,
-        weight_decay=args.adam_weight_decay,
-        **kwargs,
+        groups, lr=None if relative else spec.learning_rate, relative_step=relative, **kwargs
     )
     if relative:  # its own step size: the schedule only reports it
         return optimizer, AdafactorSchedule(optimizer)
-    return optimizer, _lambda_schedule(optimizer, args, max_steps)
+    return optimizer, _lambda_schedule(optimizer, spec, steps)
 
 
-def prodigy(params, args, kwargs, max_steps):
+def prodigy(
+    groups: Groups, spec: OptimizerSpec, steps: int
+) -> tuple[torch.optim.Optimizer, Schedule]:
     try:
         from prodigyopt import Prodigy
     except ImportError:
         raise UserError(
             "--optimizer prodigy needs prodigyopt: uv sync --extra optimizers"
         ) from None
-    optimizer = Prodigy(
-        params, lr=args.learning_rate, weight_decay=args.adam_weight_decay, **kwargs
-    )
-    return optimizer, _lambda_schedule(optimizer, args, max_steps)
+    kwargs = {"weight_decay": spec.weight_decay, **spec.extra}
+    optimizer = Prodigy(groups, lr=spec.learning_rate, **kwargs)
+    return optimizer, _lambda_schedule(optimizer, spec, steps)
 
 
-OPTIMIZERS: dict[str, Callable] = {
+OPTIMIZERS: dict[
+    str, Callable[[Groups, OptimizerSpec, int], tuple[torch.optim.Optimizer, Schedule]]
+] = {
     "adamw": adamw,
     "adamw8bit": adamw8bit,
     "adafactor": adafactor,
     "prodigy": prodigy,
 }
+assert tuple(OPTIMIZERS) == OPTIMIZER_NAMES
 
 
 def build_optimizer(
-    params: list[dict], args: argparse.Namespace, max_steps: int
+    trained: list[tuple[str, torch.nn.Parameter]],
+    components: list[str],
+    spec: OptimizerSpec,
+    max_steps: int,
 ) -> tuple[torch.optim.Optimizer, Schedule]:
-    """The optimizer `args.optimizer` names over the parameter groups `params` (each a dict with
-    "params" and its "lr"), and its learning-rate schedule."""
-    kwargs = optimizer_kwargs(args.optimizer_args)
+    """The optimizer the spec names over the trained parameters (name, parameter), one group per
+    model component ("unet", then the text encoders at their own learning rates), and its
+    learning-rate schedule."""
+    text_lrs = spec.text_encoder_lr or (spec.learning_rate,)
+    lrs = dict(
+        zip(
+            ("unet", "text_encoder", "text_encoder_2"),
+            (spec.learning_rate, text_lrs[0], text_lrs[-1]),
+        )
+    )
+    groups = [
+        {"params": [p for n, p in trained if n.startswith(f"{c}.")], "lr": lrs[c]}
+        for c in components
+    ]
     try:
-        return OPTIMIZERS[args.optimizer](params, args, kwargs, max_steps)
+        return OPTIMIZERS[spec.name]([g for g in groups if g["params"]], spec, max_steps)
     except TypeError as e:  # an --optimizer_args key the optimizer does not take
-        raise UserError(f"--optimizer {args.optimizer}: {e}") from None
+        raise UserError(f"--optimizer {spec.name}: {e} (check --optimizer_args)") from None
+
+
+def check_optimizer(spec: OptimizerSpec) -> None:
+    """Build the optimizer over one small parameter: a bad --optimizer_args key fails here, in
+    a second, instead of after the model has loaded."""
+    probe = [("unet.probe", torch.nn.Parameter(torch.zeros(1)))]
+    build_optimizer(probe, ["unet"], spec, 1)
 
 
 def tensor_learning_rates(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

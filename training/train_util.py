@@ -1,4 +1,4 @@
-"""Metrics logging, the learning-rate schedule and the global random state."""
+"""Metrics logging, stopping on a signal, and the global random state."""
 
 from __future__ import annotations
 
@@ -30,30 +30,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Learning rate
-# ---------------------------------------------------------------------------------------------
-
-
-def lr_lambda(kind: str, warmup: int, total: int):
-    """Multiplier of the base learning rate at optimizer step s: linear warm-up, then constant,
-    linear decay to 0, or cosine decay to 0."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if kind == "linear":
-            return 1.0 - progress
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0
-
-    if kind not in ("constant", "linear", "cosine"):
-        raise ValueError(f"unknown lr scheduler {kind!r}")
-    return f
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +105,17 @@ class MetricsLog:
 # ---------------------------------------------------------------------------------------------
 # Stopping on a signal
 # ---------------------------------------------------------------------------------------------
+
+
+class Timer:
+    """Images per second of each step, from the time since the previous call."""
+
+    def __init__(self, images_per_step: int):
+        self.images, self.tick = images_per_step, time.perf_counter()
+
+    def images_per_s(self) -> float:
+        tock, self.tick = self.tick, time.perf_counter()
+        return self.images / (self.tick - tock)
 
 
 class StopSignals:
