@@ -35,6 +35,7 @@ from typing import Any
 from cli.choices import DEFAULT_MODEL
 from cli.generate import check_args, loras, parse_args, plan, prompts_identity
 from cli.options import run_cli
+from sdxl.errors import UserError
 
 
 def main(args: argparse.Namespace) -> Path:
@@ -112,6 +113,11 @@ def main(args: argparse.Namespace) -> Path:
             args.sampler,
             rescale,
         )
+        if not torch.isfinite(images).all():  # (one sync a batch; writing the images syncs anyway)
+            raise UserError(
+                f"images {batch[0]['index']}-{batch[-1]['index']} came out as NaN or Inf; the "
+                "model or a LoRA overflows here (try --precision fp32, or the fp16-fix --vae)"
+            )
         for job, image in zip(batch, images):
             if writer.done(job["index"]):  # made by a run that stopped in this batch
                 continue
@@ -154,6 +160,9 @@ def image_settings(
 ) -> dict:
     """Everything that decides the pixels of image i, besides its own row of the plan: a folder
     holds the images of one set of these (sampling/outputs.py: claim_image_folder)."""
+    from sdxl.files import file_sha256
+    from sdxl.pretrained import model_identity
+
     return {
         "prompts_sha256": prompts_identity(args),
         "steps": args.steps,
@@ -163,8 +172,10 @@ def image_settings(
         "prediction_type": schedule.prediction_type,
         "zero_terminal_snr": bool(schedule.alphas_cumprod[-1] == 0),
         "base_model": str(model_folder.resolve()),
+        "base_model_identity": model_identity(model_folder),  # its weights, not just where
         "vae": str(Path(args.vae).resolve()) if args.vae else None,
         "loras": [[str(path.resolve()), scale] for path, scale in adapters],
+        "loras_sha256": [file_sha256(path) for path, _ in adapters],
         "precision": precision,
         "fp8_base": args.fp8_base,
         "compile": args.compile,  # fused kernels round differently (graphs replay the same ones)

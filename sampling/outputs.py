@@ -209,7 +209,9 @@ def claim_image_folder(out: Path, settings: dict, overwrite: bool) -> None:
     made = [p for p in out.iterdir() if p.name[:5].isdigit() or p.name.startswith("shard-")]
     config = out / "generation_config.json"
     before = json.loads(config.read_text()).get("image_settings", {}) if config.is_file() else {}
-    differ = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
+    # A setting an older version did not record (the weights' hashes) is taken as unchanged.
+    keys = (settings.keys() & before.keys()) if before else settings.keys()
+    differ = sorted(k for k in keys if settings.get(k) != before.get(k))
     if not (made or config.is_file()) or not differ:
         return
     if not overwrite:

@@ -47,29 +47,40 @@ def read_rows(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"prompt file {path} does not exist")
     text = path.read_text(encoding="utf-8-sig")
-    try:
-        if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            rows = [dict(r) for r in csv.DictReader(io.StringIO(text))]
-    except (ValueError, csv.Error) as e:
-        raise UserError(f"prompt file {path} is not valid {path.suffix[1:]}: {e}") from None
-    for n, row in enumerate(rows, 1):
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    rows, where = [], [n for n, _ in lines]  # each row's line in the file
+    for n, line in lines if path.suffix == ".jsonl" else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            raise UserError(f"prompt file {path}, line {n}: not a JSON object ({e})") from None
+    if path.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        where = []
+        try:
+            for r in reader:
+                rows.append(dict(r))
+                where.append(reader.line_num)  # the line the row ends on
+        except csv.Error as e:
+            raise UserError(
+                f"prompt file {path}, line {reader.line_num}: not valid csv ({e})"
+            ) from None
+    for n, row in zip(where, rows):
         if not isinstance(row, dict) or not str(row.get("prompt") or "").strip():
-            raise UserError(f"prompt file {path}, row {n}: no prompt")
+            raise UserError(f"prompt file {path}, line {n}: no prompt")
         for key in ("seed", "num_images", "width", "height"):
             if row.get(key) not in (None, ""):
                 try:
                     row[key] = int(row[key])
                 except (TypeError, ValueError):
                     raise UserError(
-                        f"prompt file {path}, row {n}: {key} {row[key]!r} is not a whole number"
+                        f"prompt file {path}, line {n}: {key} {row[key]!r} is not a whole number"
                     ) from None
             else:
                 row.pop(key, None)
         if any(row.get(k, 8) % 8 or row.get(k, 8) <= 0 for k in ("width", "height")):
             raise UserError(
-                f"prompt file {path}, row {n}: width and height must be positive multiples of 8"
+                f"prompt file {path}, line {n}: width and height must be positive multiples of 8"
             )
     if not rows:
         raise UserError(f"prompt file {path} has no rows")

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from cli.choices import SAMPLER_NAMES
 from sdxl.diffusion import NoiseSchedule
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -111,3 +112,4 @@ def sample_ddpm(
 
 
 SAMPLERS = {"euler": sample_euler, "ddim": sample_ddim, "ddpm": sample_ddpm}
+assert tuple(SAMPLERS) == SAMPLER_NAMES  # the --sampler choices (cli/choices.py)

@@ -128,11 +128,14 @@ def lora_metadata(ckpt: dict) -> dict[str, str | int | float]:
     network_args: dict[str, str] = {}
     if config.get("conv_rank"):
         conv_alpha = config.get("conv_alpha") or config["conv_rank"]
-        network_args |= {"conv_dim": str(config["conv_rank"]), "conv_alpha": str(conv_alpha)}
+        network_args |= {
+            "conv_dim": _number(config["conv_rank"]),
+            "conv_alpha": _number(conv_alpha),
+        }
     if dims := config.get("block_dims"):
         alphas = config.get("block_alphas") or dims
-        network_args |= {"block_dims": ",".join(map(str, dims))}
-        network_args |= {"block_alphas": ",".join(map(str, alphas))}
+        network_args |= {"block_dims": ",".join(map(_number, dims))}
+        network_args |= {"block_alphas": ",".join(map(_number, alphas))}
         largest = max(range(len(dims)), key=lambda k: dims[k])  # the rank the file mostly has
         rank, alpha = dims[largest], alphas[largest]
     if config.get("use_dora"):
@@ -157,6 +160,11 @@ def lora_metadata(ckpt: dict) -> dict[str, str | int | float]:
         "step": ckpt["step"],
         "base_model": model_name(config["pretrained_model"]),
     }
+
+
+def _number(value: float) -> str:
+    """A network argument as kohya's command line would have it: 4, not 4.0."""
+    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,9 +271,25 @@ def read_lora_weights(
     if not path.is_file():
         raise WeightsError(f"LoRA file {path} does not exist")
     if path.suffix != ".pt":
-        return read_lora_file(path, unet)
-    ckpt = load_checkpoint(path, mmap=True)
-    return adapter_modules(ckpt) if ckpt["lora"] is not None else unet_weights(ckpt, path)
+        weights: LoRAModules | dict[str, torch.Tensor] = read_lora_file(path, unet)
+    else:
+        ckpt = load_checkpoint(path, mmap=True)
+        weights = adapter_modules(ckpt) if ckpt["lora"] is not None else unet_weights(ckpt, path)
+    for key, value in weights.items():
+        if isinstance(value, torch.Tensor):
+            tensors = [value]
+        else:
+            tensors = [
+                value.down,
+                value.up,
+                *([] if value.magnitude is None else [value.magnitude]),
+            ]
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise WeightsError(
+                f"{path} holds NaN or Inf values (at {key}), which would make black images; "
+                "use an earlier checkpoint of that run"
+            )
+    return weights
 
 
 def recorded_base_model(path: str | Path) -> str | None:

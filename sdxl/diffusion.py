@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cli.choices import PREDICTION_TYPES
 from sdxl.errors import UserError
 from sdxl.weights import WeightsError
 
@@ -66,7 +67,7 @@ class NoiseSchedule:
         supported = {
             "beta_schedule": ("scaled_linear",),
             "timestep_spacing": ("leading", "trailing"),
-            "prediction_type": ("epsilon", "v_prediction"),
+            "prediction_type": PREDICTION_TYPES,
         }
         for key, allowed in supported.items():
             if config.get(key, allowed[0]) not in allowed:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +34,32 @@ TMP_SUFFIX = ".tmp"
 def cache_root() -> Path:
     """Where the project caches things: $SDXL_LORA_CACHE, else ~/.cache/sdxl-lora."""
     return Path(os.environ.get("SDXL_LORA_CACHE") or Path.home() / ".cache" / "sdxl-lora")
+
+
+def folder_identity(folder: Path) -> str:
+    """A model part's identity: a hash of its folder's configs and of the size, first and last MiB
+    of its weight files (or of one single file)."""
+    h = hashlib.sha256()
+    for path in sorted(folder.iterdir()) if folder.is_dir() else [folder]:
+        if path.suffix == ".json":
+            h.update(path.read_bytes())
+        elif path.suffix in (".safetensors", ".ckpt", ".pt", ".pth"):
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                h.update(f"{path.name}:{size}".encode())
+                h.update(f.read(2**20))
+                f.seek(max(0, size - 2**20))
+                h.update(f.read(2**20))
+    return h.hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read a MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _umask() -> int:

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from cli.choices import DOWNLOAD_HINT
 from sdxl.diffusion import NoiseSchedule
-from sdxl.files import cache_root
+from sdxl.files import cache_root, folder_identity
 from sdxl.single_file import (
     SINGLE_FILE_SUFFIXES,
     load_text_encoder_file,
@@ -87,6 +87,14 @@ def config_folder(model: Path) -> Path:
     return model if model.is_dir() else SDXL_CONFIGS
 
 
+def model_identity(model: Path) -> str:
+    """A model's identity for the folders made with it: the configs, and the size, first and last
+    MiB of each weight file (sdxl/files.py: folder_identity), of its four parts or its one file.
+    A retrained or replaced model changes it; reading it takes milliseconds."""
+    parts = ["unet", "vae", "text_encoder", "text_encoder_2"] if model.is_dir() else [""]
+    return "".join(folder_identity(model / part if part else model) for part in parts)
+
+
 def schedule_of(
     model: Path, prediction_type: str | None = None, zero_terminal_snr: bool | None = None
 ) -> NoiseSchedule:
@@ -141,7 +149,8 @@ def hub_snapshot(repo: str, half: bool) -> Path:
     from huggingface_hub import snapshot_download
 
     hint = (
-        f"download it where there is a network (uv run hf download {repo}) or pass a local folder"
+        f"there is no folder {repo} here either: give an existing model folder, or a Hub id "
+        f"(owner/name) and a network (or uv run hf download {repo} where there is one)"
     )
     for variant in (half, False):
         patterns = _HUB_FILES + _HUB_WEIGHTS[variant]

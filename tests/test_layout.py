@@ -133,9 +133,9 @@ def test_module_maps_list_every_module():
     for package in ALLOWED:
         for path in modules(package):
             assert f"`{path.name}`" in section, f"{package}/{path.name} is not in ADVANCED.md's map"
-            assert f"{package}/{path.name}" in layout or f"`{path.name}`" in layout, (
-                f"{package}/{path.name} is not in README.md's Layout"
-            )
+            assert (
+                f"{package}/{path.name}" in layout or f"`{path.name}`" in layout
+            ), f"{package}/{path.name} is not in README.md's Layout"
 
 
 def test_no_reference_outside_the_repository():

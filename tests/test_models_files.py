@@ -5,6 +5,7 @@ import hashlib
 import json
 import struct
 
+import pytest
 import torch
 from conftest import EXAMPLES, train_argv
 
@@ -137,7 +138,9 @@ def test_long_prompts_in_generation_and_training(tiny_model, tmp_path):
     cache = tmp_path / "cache"
     plain = losses(tmp_path / "plain")
     cached = losses(tmp_path / "cached", "--cache_text_embeddings", "--cache_dir", str(cache))
-    assert plain == cached  # fp32, the same embeddings: measured equal
+    # fp32, the same embeddings computed at another moment: measured equal on AMD EPYC, 7th-digit
+    # differences seen on a Xeon with AMX; stated tolerance 1e-6 relative (as tests/test_scale.py).
+    assert plain == pytest.approx(cached, rel=1e-6)
     entry = load_file(next((cache / "text").iterdir()))
     assert entry["context"].shape == (2 * 77, 96)  # two chunks for --max_token_length 150
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from sdxl.device import Distributed
-from sdxl.files import atomic_write, cache_root
+from sdxl.files import atomic_write, cache_root, folder_identity
 from sdxl.pretrained import SDXLParts
 from training.data_loader import UNREADABLE, TrainingData, record_bytes, sample_seed
 from training.specs import DataSpec
@@ -35,23 +35,6 @@ LATENT_CACHE_VERSION = 2
 ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
 # captions -> (context (B, 77, 2048), pooled (B, 1280))
 TextEncoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
-
-
-def folder_identity(folder: Path) -> str:
-    """A model part's identity: a hash of its folder's configs and of the size, first and last MiB
-    of its weight files (or of one single file)."""
-    h = hashlib.sha256()
-    for path in sorted(folder.iterdir()) if folder.is_dir() else [folder]:
-        if path.suffix == ".json":
-            h.update(path.read_bytes())
-        elif path.suffix in (".safetensors", ".ckpt", ".pt", ".pth"):
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                h.update(f"{path.name}:{size}".encode())
-                h.update(f.read(2**20))
-                f.seek(max(0, size - 2**20))
-                h.update(f.read(2**20))
-    return h.hexdigest()[:16]
 
 
 def _write(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -19,6 +19,7 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -55,20 +56,25 @@ def load_mask(record: Record) -> Image.Image | None:
     if record.mask is None:
         return None
     with Image.open(record.mask) as m:
-        return ImageOps.exif_transpose(m).convert("L")
+        return eight_bit(ImageOps.exif_transpose(m)).convert("L")
+
+
+def eight_bit(im: Image.Image) -> Image.Image:
+    """A 16-bit or float grayscale image (mode I;16, I or F) scaled to 8 bits, not clipped (a
+    50% grey stays 50%); other modes as they are."""
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return im
+    values = np.asarray(im, dtype=np.float64)
+    scale = 255 / 65535 if im.mode.startswith("I") else (255 if values.max() <= 1 else 1)
+    return Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8))
 
 
 def load_image(record: Record) -> Image.Image:
     """The record's image, upright (its EXIF orientation applied) and in 8-bit RGB. A 16-bit
-    grayscale image (mode I;16 or I) is scaled down to 8 bits, not clipped; an alpha channel is
-    dropped (the stored colours are used, as kohya does)."""
+    grayscale image is scaled down to 8 bits, not clipped; an alpha channel is dropped (the stored
+    colours are used, as kohya does)."""
     with Image.open(io.BytesIO(record_bytes(record))) as file:
-        im = ImageOps.exif_transpose(file)
-        if im.mode.startswith("I") or im.mode == "F":
-            values = np.asarray(im, dtype=np.float64)
-            scale = 255 / 65535 if im.mode.startswith("I") else (255 if values.max() <= 1 else 1)
-            im = Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8))
-        return im.convert("RGB")
+        return eight_bit(ImageOps.exif_transpose(file)).convert("RGB")
 
 
 def prepare(
@@ -317,8 +323,36 @@ def read_data(
         if spec.reg_data_dir
         else []
     )
+    if spec.masked_loss:
+        check_masks(records, spec.data_dir)
     train, val = split_validation(records, spec.validation_split, spec.seed)
     return (records, *datasets(spec, train, val, reg))
+
+
+def check_masks(records: list[Record], folder: Path) -> None:
+    """--masked_loss: each name.mask.png has its image's size (one line naming both files, else);
+    an image whose mask (file or alpha channel) is all zero trains nothing, which is warned of,
+    and if every mask is empty the run stops."""
+    empty = []
+    for r in records:
+        if r.mask is not None and r.mask_size != r.size:
+            raise DataError(
+                f"the mask {r.mask} is {r.mask_size[0]}x{r.mask_size[1]} but its image {r.path} is "
+                f"{r.size[0]}x{r.size[1]}; give the mask the image's size"
+            )
+        try:
+            mask = load_mask(r)
+        except UNREADABLE:
+            continue  # the image itself is unreadable: skipped when a batch asks for it
+        if mask is not None and mask.getextrema()[1] == 0:
+            empty.append(r.key)
+    if empty and len(empty) == len(records):
+        raise DataError(
+            f"every loss mask in {folder} is empty (all zero, or a fully transparent alpha), so "
+            "--masked_loss would train nothing; check the masks, or drop --masked_loss"
+        )
+    for key in empty:
+        log.warning("%s: its loss mask is empty (all zero), so it trains nothing", key)
 
 
 def paired_steps(

@@ -4,8 +4,10 @@ The scan runs before anything heavy is imported, so that a data folder with no u
 at once. It needs only the standard library and Pillow.
 
 - A folder: `name.jpg|jpeg|png|webp` with `name.txt` beside it (`--caption_extension` changes the
-  `.txt`), in the folder and its subfolders (hidden ones aside). A subfolder named `10_name` repeats
-  its images 10 times an epoch, as kohya's do; its name is the images' concept (for the tag counts).
+  `.txt`), in the folder and its subfolders (hidden ones aside). A top-level subfolder named
+  `<digits>_name` is a kohya repeat folder: `10_name` repeats its images 10 times an epoch, `0_name`
+  leaves them out (both said in the summary), and more than MAX_REPEATS is refused as a folder that
+  was not meant as one (`2023_trip`); the folder's name is its images' concept (for the tag counts).
   Two images that share a name stem (`a.png`, `a.jpg`) share its caption; a caption without an image
   is ignored. `name.mask.png` beside an image is its loss mask (--masked_loss), not an image.
 - Shards: `*.tar` files as the webdataset package writes them: the members of one sample share the
@@ -47,9 +49,12 @@ from sdxl.files import write_json
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-INDEX_VERSION = 2
+INDEX_VERSION = 3
 MASK_SUFFIX = ".mask.png"
 _REPEATS = re.compile(r"(\d+)_(.+)")  # kohya's "10_name" folders
+# kohya's repeat folders count 1 to about 100; a larger number is more likely a date or a year.
+MAX_REPEATS = 1000
+LOUD_REPEATS = 100
 _ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
@@ -70,6 +75,7 @@ class Record:
     repeats: int = 1  # times an epoch (a "10_name" folder's 10)
     concept: str = ""  # the top folder it came from, for the tag counts
     mask: Path | None = None  # its name.mask.png, if there is one
+    mask_size: tuple[int, int] = (0, 0)  # that file's upright (width, height)
 
 
 def image_size(data: bytes | Path) -> tuple[int, int]:
@@ -112,7 +118,14 @@ def _scan_image(path: Path, caption_extension: str = ".txt") -> dict:
     except Exception:
         return {"skip": f"skipping {path}: not a readable image"}
     caption, warning = decode_caption(caption_file.read_bytes(), str(caption_file))
-    return {"size": [w, h], "caption": caption, "warnings": [warning] if warning else []}
+    entry: dict = {"size": [w, h], "caption": caption, "warnings": [warning] if warning else []}
+    mask = path.with_name(path.stem + MASK_SUFFIX)
+    if mask.is_file():
+        try:
+            entry["mask_size"] = list(image_size(mask))
+        except Exception:
+            entry["warnings"].append(f"{mask} is not a readable image; {path} has no mask")
+    return entry
 
 
 def _scan_shard(path: Path) -> dict:
@@ -268,7 +281,9 @@ def scan(
             mask = path.with_name(path.stem + MASK_SUFFIX)
             w, h = entry["size"]
             record = Record(names[path], entry["caption"], path, -1, 0, (w, h), repeats, top)
-            records.append(replace(record, mask=mask) if mask.is_file() else record)
+            if "mask_size" in entry:
+                record = replace(record, mask=mask, mask_size=tuple(entry["mask_size"]))
+            records.append(record)
     kind = f"{len(shards)} WebDataset shards" if shards else "an image folder"
     lost_text = f"; {damaged} damaged shards, at least {lost} samples lost" if damaged else ""
     print(
@@ -276,11 +291,49 @@ def scan(
         f"{lost_text} ({len(todo)} files scanned, {len(sources) - len(todo)} from the index, "
         f"{time.perf_counter() - start:.1f} s)"
     )
+    records = with_checked_repeats(records)
     if not records:
         raise DataError(
             f"no usable image + caption pairs in {folder}: expected name.jpg|jpeg|png|webp with name.txt, or .tar shards"
         )
     return sorted(records, key=lambda r: r.key)
+
+
+def with_checked_repeats(records: list[Record]) -> list[Record]:
+    """kohya's repeat folders, said in the summary: each folder's images and repeats, the images of
+    a `0_name` folder left out with a warning, a count above LOUD_REPEATS warned of, and one above
+    MAX_REPEATS refused (most likely a date or a year, not a count: `20240101_vacation`)."""
+    folders: dict[str, list[Record]] = {}
+    for r in records:
+        if _REPEATS.fullmatch(r.concept):
+            folders.setdefault(r.concept, []).append(r)
+    if not folders:
+        return records
+    for name, members in sorted(folders.items()):
+        repeats = members[0].repeats
+        if repeats > MAX_REPEATS:
+            digits, rest = name.split("_", 1)
+            raise DataError(
+                f"subfolder {name}/ would repeat its {len(members)} images {repeats:,} times an "
+                f"epoch (a <digits>_name folder is a kohya repeat folder); rename it (e.g. "
+                f"{rest}_{digits}), or give it at most {MAX_REPEATS} repeats"
+            )
+        if repeats == 0:
+            log.warning("%s/: 0 repeats, so its %d images are left out", name, len(members))
+        elif repeats > LOUD_REPEATS:
+            log.warning(
+                "%s/ repeats its %d images %d times an epoch; is %d a repeat count? (kohya's "
+                "folders use 1 to about %d)",
+                name,
+                len(members),
+                repeats,
+                repeats,
+                LOUD_REPEATS,
+            )
+    table = ", ".join(f"{n}/ {len(m)} x {m[0].repeats}" for n, m in sorted(folders.items()))
+    total = sum(r.repeats for r in records)
+    print(f"repeat folders (images x repeats): {table}; {total} samples an epoch")
+    return [r for r in records if r.repeats > 0]
 
 
 def _side_stamps(image: Path, caption_extension: str) -> list[int]:
