@@ -35,8 +35,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import train_sdxl
-from cli.train import training_specs
 from sdxl.device import Distributed, resolve_device, resolve_precision
 from sdxl.pretrained import (
     clip_byte_vocab,
@@ -49,7 +47,15 @@ from sdxl.pretrained import (
 from training.cache import encoders
 from training.data_loader import TrainingData, collate
 from training.scan import scan
-from training.specs import DataSpec
+from training.specs import (
+    AdapterSpec,
+    DataSpec,
+    LossSpec,
+    ModelSpec,
+    OptimizerSpec,
+    StepSpec,
+    TrainSpecs,
+)
 from training.train_loop import Trainer, build_trainer, train_step
 
 
@@ -88,11 +94,12 @@ def mid_sdxl() -> Path:
     return folder
 
 
+# How the step runs in each mode (train_sdxl.py's --cuda_graph and --compile).
 MODES = {
-    "eager": ["--cuda_graph", "off"],
-    "graph": ["--cuda_graph", "auto"],
-    "compile": ["--cuda_graph", "off", "--compile"],
-    "compile+graph": ["--cuda_graph", "auto", "--compile"],
+    "eager": StepSpec(cuda_graph="off"),
+    "graph": StepSpec(cuda_graph="auto"),
+    "compile": StepSpec(cuda_graph="off", compile=True),
+    "compile+graph": StepSpec(cuda_graph="auto", compile=True),
 }
 
 
@@ -104,12 +111,15 @@ def child(args: argparse.Namespace) -> None:
     precision = resolve_precision(args.precision, device)
     parts = load_sdxl(folder, precision.unet_dtype, device, precision.text_dtype)
     data = TrainingData(scan(args.data_dir), args.image_size, random_flip=True)
-    # The training script's own options, so that the bench measures the step train_sdxl.py runs.
-    options = train_sdxl.parse_args(
-        ["--data_dir", args.data_dir, "--use_lora", "--lora_rank", str(args.rank),
-         "--lora_alpha", str(args.rank), "--batch_size", str(args.batch_size), *MODES[args.mode]]
-    )  # fmt: skip
-    specs = training_specs(options)
+    # The specs train_sdxl.py makes of --use_lora --lora_rank R --lora_alpha R and the mode's flags.
+    specs = TrainSpecs(
+        data=DataSpec(Path(args.data_dir), size=(args.image_size,) * 2, batch_size=args.batch_size),
+        model=ModelSpec(str(folder)),
+        adapter=AdapterSpec(rank=args.rank, alpha=args.rank),
+        loss=LossSpec(),
+        optimizer=OptimizerSpec(),
+        step=dataclasses.replace(MODES[args.mode], precision=args.precision),
+    )
     tr = build_trainer(
         specs, parts, parts.vae.moments, parts.text_encoder.encode, precision, dist, 1000
     )

@@ -40,6 +40,21 @@ def train_argv(model: Path, output_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+def tiny_specs(adapter=None, optimizer=None, step=None, loss=None):
+    """A run's specs built directly (as the library takes them), for the step tests: the example
+    shapes at 32 px, fp32, LoRA with the given (or default) settings."""
+    from training import specs
+
+    return specs.TrainSpecs(
+        data=specs.DataSpec(EXAMPLES, size=(32, 32)),
+        model=specs.ModelSpec("tiny"),
+        adapter=adapter or specs.AdapterSpec(),
+        loss=loss or specs.LossSpec(),
+        optimizer=optimizer or specs.OptimizerSpec(),
+        step=step or specs.StepSpec(precision="fp32"),
+    )
+
+
 def unet_inputs(seed: int = 0, batch: int = 2):
     """Inputs of the tiny UNet: latents (B, 4, 8, 8), timesteps, context (B, 77, 96) and the added
     conditioning, from `seed`."""

@@ -331,8 +331,9 @@ def test_17_a_jsonl_error_names_the_line(tmp_path):
 
 
 def test_19_21_lora_metadata_describes_the_adapter_and_dora_in_kohya_format_warns(
-    tiny_model, tmp_path, capsys
+    tiny_model, tmp_path, capsys, monkeypatch
 ):
+    monkeypatch.setattr("sdxl.lora_formats._warned", set())  # once per process: not yet here
     dims = [0, 1, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 0]
     flags = ["--use_dora", "--conv_rank", "2", "--conv_alpha", "1", "--block_dims"]
     last = train(tiny_model, tmp_path / "out", *flags, ",".join(map(str, dims)))

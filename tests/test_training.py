@@ -4,11 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXAMPLES, train_argv
+from conftest import EXAMPLES, tiny_specs, train_argv
 
 import train_sdxl
 import training.noise
-from cli.train import training_specs
 from sdxl.checkpoint import load_checkpoint, prune_step_checkpoints, read_lora_weights
 from sdxl.device import Distributed, resolve_precision
 from sdxl.errors import UserError
@@ -16,6 +15,7 @@ from sdxl.files import atomic_write
 from sdxl.pretrained import load_sdxl
 from training.data_loader import TrainingData, collate
 from training.scan import scan
+from training.specs import AdapterSpec, OptimizerSpec, StepSpec
 from training.train_loop import TrainingError, build_trainer, train_step
 
 
@@ -27,16 +27,15 @@ def test_overfit_one_batch_and_only_adapters_change(tiny_model, tmp_path):
     torch.manual_seed(0)
     parts = load_sdxl(tiny_model, torch.float32)
     base = {k: v.clone() for k, v in parts.unet.state_dict().items()}
-    args = train_args(
-        tiny_model,
-        tmp_path,
-        *("--use_lora", "--lora_rank", "8", "--lora_alpha", "8", "--lora_target_mode", "all"),
-        *("--learning_rate", "3e-3", "--adam_weight_decay", "0", "--no-gradient_checkpointing"),
+    specs = tiny_specs(
+        AdapterSpec(rank=8, alpha=8, target_mode="all"),
+        OptimizerSpec(learning_rate=3e-3, weight_decay=0.0),
+        StepSpec(precision="fp32", gradient_checkpointing=False),
     )
     cpu = Distributed(0, 1, torch.device("cpu"))
     precision = resolve_precision("fp32", cpu.device)
     encoders = (parts.vae.moments, parts.text_encoder.encode)
-    tr = build_trainer(training_specs(args), parts, *encoders, precision, cpu, max_steps=40)
+    tr = build_trainer(specs, parts, *encoders, precision, cpu, max_steps=40)
     data = TrainingData(scan(EXAMPLES)[:2], 32, center_crop=True)
     # The same batch every step: the same sample ids, so the same noise and timesteps.
     batch = collate([data[(0, 0)], data[(1, 1)]])
