@@ -30,12 +30,17 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from cli.options import run_cli
 from cli.train import PATH_FLAGS, check_args, parse_args, training_specs
 from sdxl.errors import StoppedBySignal
 from training.specs import TrainSpecs
+
+if TYPE_CHECKING:  # names for the annotations only: the heavy imports wait for the flags' checks
+    from sdxl.device import Distributed, Precision
+    from sdxl.pretrained import SDXLParts
+    from training.train_loop import Trainer, TrainState
 
 
 def main(args: argparse.Namespace) -> Path:
@@ -84,14 +89,9 @@ def main(args: argparse.Namespace) -> Path:
                 record["val_loss"] = validate(tr, run.val_batches)
             if dist.main and run.prompts and validating:
                 path = output_dir / f"validation_step{state.step:06d}.png"
+                n, size = args.validation_sampling_steps, specs.data.size
                 validation_images(
-                    tr,
-                    run.parts,
-                    run.prompts,
-                    seed=args.seed,
-                    size=specs.data.size,
-                    steps=args.validation_sampling_steps,
-                    path=path,
+                    tr, run.parts, run.prompts, seed=args.seed, size=size, steps=n, path=path
                 )
                 metrics.log_image("validation", path, state.step)
             metrics.log(record)
@@ -117,10 +117,10 @@ def main(args: argparse.Namespace) -> Path:
 class Run:
     """What the loop works with, as `set_up` made it."""
 
-    trainer: Any
-    state: Any  # TrainState, where the run stands
-    dist: Any  # Distributed: this process, its device, the collectives
-    parts: Any  # SDXLParts: the models (validation images borrow the encoders and VAE)
+    trainer: Trainer
+    state: TrainState  # where the run stands
+    dist: Distributed  # this process, its device, the collectives
+    parts: SDXLParts  # the models (validation images borrow the encoders and VAE)
     steps: Iterator  # each step's micro-batches, epoch and position, from where the run stands
     reg_steps: Iterator  # the regularisation micro-batches paired with them
     reg: bool
@@ -221,11 +221,11 @@ def load_models(
     args: argparse.Namespace,
     specs: TrainSpecs,
     model_folder: Path,
-    precision: Any,
-    dist: Any,
+    precision: Precision,
+    dist: Distributed,
     sets: list,
     max_steps: int,
-) -> tuple[Any, list, Any]:
+) -> tuple[SDXLParts, list, Trainer]:
     """The models, the data sets as the encoders see them (cached latents, if asked), and the
     trainer. The models are loaded into CPU memory; on the device is only what each phase needs:
     the caches are built before the UNet arrives (encoding full-size images in fp32 is the VAE's
