@@ -195,42 +195,31 @@ def load_pipeline(
     precision: Any,
     dist: Any,
 ) -> Any:
-    """The models on the device with the LoRAs merged in, each in turn, as one sampling Pipeline.
-    The text encoders stay on the device: each batch needs them, and moving their 1.6 GiB there
-    and back for every batch would add a transfer to each batch (not yet measured)."""
-    import torch
-
-    from sampling.inference import Pipeline, apply_lora, fast_unet
+    """The models, with the LoRAs merged in, as one sampling Pipeline on the device
+    (sampling/inference.py: build_pipeline)."""
+    from sampling.inference import build_pipeline
     from sdxl.checkpoint import read_lora_weights
-    from sdxl.frozen import store_in_fp8
-    from sdxl.lora import components
     from sdxl.pretrained import load_sdxl
 
-    parts = load_sdxl(
-        model_folder,
-        precision.unet_dtype,
+    def load(device: Any) -> Any:
+        return load_sdxl(
+            model_folder,
+            precision.unet_dtype,
+            device=device,
+            vae_folder=args.vae,
+            prediction_type=args.prediction_type,
+            zero_terminal_snr=args.zero_terminal_snr,
+            vae_tile_size=args.vae_tile_size,
+        )
+
+    return build_pipeline(
+        load,
+        lambda unet: [(read_lora_weights(path, unet), scale) for path, scale in adapters],
         device=dist.device,
-        vae_folder=args.vae,
-        prediction_type=args.prediction_type,
-        zero_terminal_snr=args.zero_terminal_snr,
-        vae_tile_size=args.vae_tile_size,
-    )
-    models = components(parts.unet, parts.text_encoder)
-    for lora, scale in adapters:  # each merged into the weights, one after the other
-        apply_lora(models, read_lora_weights(lora, parts.unet), scale)
-    if args.fp8_base:  # after the merges, which need the weights in full precision
-        store_in_fp8(parts.unet)
-    parts.unet.to(memory_format=torch.channels_last)
-    graphs = args.cuda_graph == "auto" and dist.device.type == "cuda"
-    unet_call = fast_unet(parts.unet, graphs, args.compile)
-    return Pipeline(
-        parts.unet,
-        parts.text_encoder,
-        parts.vae,
-        parts.schedule,
-        dist.device,
-        precision.compute_dtype,
-        unet_call,
+        dtype=precision.compute_dtype,
+        fp8_base=args.fp8_base,
+        cuda_graph=args.cuda_graph == "auto" and dist.device.type == "cuda",
+        compile=args.compile,
     )
 
 

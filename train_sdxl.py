@@ -30,28 +30,32 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cli.options import run_cli
-from cli.train import PATH_FLAGS, check_args, parse_args, training_specs
+from cli.train import check_args, parse_args, resolved_config, training_specs
 from sdxl.errors import StoppedBySignal
 from training.specs import TrainSpecs
 
 if TYPE_CHECKING:  # names for the annotations only: the heavy imports wait for the flags' checks
+    from sampling.inference import EncodedPrompts
     from sdxl.device import Distributed, Precision
     from sdxl.pretrained import SDXLParts
     from training.train_loop import Trainer, TrainState
 
 
-def main(args: argparse.Namespace) -> Path:
+def main(args: argparse.Namespace) -> Path | int:
     """Train; returns the path of the last checkpoint written. A run stopped by SIGINT or SIGTERM
     saves a checkpoint, then raises StoppedBySignal (exit code 130 or 143)."""
     check_args(args)  # every flag, before the heavy imports (about 20 s on a small machine)
     specs = training_specs(args)
+    if args.estimate_memory:
+        return estimate_memory(args, specs)
     import torch
     from tqdm import tqdm
 
-    from training.checkpoint import save_checkpoints
+    from sampling.inference import save_grid
+    from training.checkpoint import checkpoint_kinds, save_checkpoints
     from training.train_loop import TrainingError, train_step, validate, validation_images
     from training.train_util import MetricsLog, StopSignals, Timer
 
@@ -83,15 +87,20 @@ def main(args: argparse.Namespace) -> Path:
             # Every process stops at the same step, whichever of them got the signal.
             if dist.any(stop.received is not None):
                 stopped = stop.received or signal.SIGTERM
-            kinds = checkpoint_kinds(args, state.step, run.max_steps, epoch_done, bool(stopped))
+            kinds = checkpoint_kinds(
+                state.step, run.max_steps, args.save_interval, epoch_done, bool(stopped)
+            )
             validating = bool(args.validation_steps) and state.step % args.validation_steps == 0
             if dist.main and run.val_batches and (validating or kinds) and not stopped:
-                record["val_loss"] = validate(tr, run.val_batches)
+                record["val_loss"] = float(validate(tr, run.val_batches))
             if dist.main and run.prompts and validating:
                 path = output_dir / f"validation_step{state.step:06d}.png"
                 n, size = args.validation_sampling_steps, specs.data.size
-                validation_images(
-                    tr, run.parts, run.prompts, seed=args.seed, size=size, steps=n, path=path
+                save_grid(
+                    validation_images(
+                        tr, run.parts, run.prompts, seed=args.seed, size=size, steps=n
+                    ),
+                    path,
                 )
                 metrics.log_image("validation", path, state.step)
             metrics.log(record)
@@ -106,6 +115,11 @@ def main(args: argparse.Namespace) -> Path:
     dist.close()
     if dist.main:
         print(f"checkpoints, config.json and metrics.jsonl are in {output_dir.resolve()}")
+    if run.predicted is not None:  # the memory preflight against what this run took
+        measured = torch.cuda.max_memory_reserved(dist.device) / 2**30
+        print(
+            f"max_memory_reserved: predicted {run.predicted / 2**30:.2f} GiB, measured {measured:.2f}"
+        )
     if stopped:
         raise StoppedBySignal(
             stopped, f"stopped by a signal at step {state.step}; saved {last}", last
@@ -120,18 +134,19 @@ class Run:
     trainer: Trainer
     state: TrainState  # where the run stands
     dist: Distributed  # this process, its device, the collectives
-    parts: SDXLParts  # the models (validation images borrow the encoders and VAE)
+    parts: SDXLParts  # the models (validation images decode with the VAE)
     steps: Iterator  # each step's micro-batches, epoch and position, from where the run stands
     reg_steps: Iterator  # the regularisation micro-batches paired with them
     reg: bool
     val_batches: list
-    prompts: list[str]
+    prompts: EncodedPrompts | None  # the validation prompts, encoded at the start
     max_steps: int
     config: dict
     tags: dict
     output_dir: Path
     metrics_file: Path | None
     lock: contextlib.AbstractContextManager
+    predicted: int | None  # bytes of max_memory_reserved the preflight predicted (on CUDA)
 
 
 def set_up(args: argparse.Namespace, specs: TrainSpecs) -> Run:
@@ -155,6 +170,7 @@ def set_up(args: argparse.Namespace, specs: TrainSpecs) -> Run:
         steps_per_epoch,
     )
     from training.optimizers import check_optimizer
+    from training.preflight import predict_on_cuda
     from training.train_loop import TrainState
 
     alloc_conf = default_allocator()  # before CUDA starts
@@ -170,6 +186,9 @@ def set_up(args: argparse.Namespace, specs: TrainSpecs) -> Run:
     precision = resolve_precision(args.precision, dist.device, full_finetune=not args.use_lora)
     model_folder = resolve_model(args.pretrained_model, half=precision.unet_dtype != torch.float32)
     schedule = schedule_of(model_folder, args.prediction_type, args.zero_terminal_snr)
+    predicted = None
+    if dist.device.type == "cuda" and dist.main:  # stops here if the run would not fit the card
+        predicted = predict_on_cuda(specs, model_folder, validation_of(args, prompts), dist.device)
     output_dir = Path(args.output_dir)
     config = resolved_config(args, model_folder, precision.name, schedule.prediction_type)
     config |= {"resolved_device": str(dist.device), "processes": dist.world}
@@ -180,8 +199,8 @@ def set_up(args: argparse.Namespace, specs: TrainSpecs) -> Run:
         if lock is not None:
             write_json(config, output_dir / "config.json")
         sets = [data, val_data, reg_data]
-        parts, (data, val_data, reg_data), tr = load_models(
-            args, specs, model_folder, precision, dist, sets, max_steps
+        parts, (data, val_data, reg_data), tr, encoded = load_models(
+            args, specs, model_folder, precision, dist, sets, max_steps, prompts
         )
     except BaseException:
         if lock is not None:
@@ -207,13 +226,14 @@ def set_up(args: argparse.Namespace, specs: TrainSpecs) -> Run:
         ),
         reg=reg_data is not None,
         val_batches=fixed_batches(val_data, args.batch_size),
-        prompts=prompts,
+        prompts=encoded,
         max_steps=max_steps,
         config=config,
         tags=tag_frequency(records, specs.data.data_dir),
         output_dir=output_dir,
         metrics_file=output_dir / "metrics.jsonl" if dist.main else None,
         lock=lock if lock is not None else contextlib.nullcontext(),
+        predicted=predicted,
     )
 
 
@@ -225,73 +245,45 @@ def load_models(
     dist: Distributed,
     sets: list,
     max_steps: int,
-) -> tuple[SDXLParts, list, Trainer]:
-    """The models, the data sets as the encoders see them (cached latents, if asked), and the
-    trainer. The models are loaded into CPU memory; on the device is only what each phase needs:
-    the caches are built before the UNet arrives (encoding full-size images in fp32 is the VAE's
-    peak), and an encoder that a cache replaces leaves the device before it does (validation
-    images borrow it back)."""
+    prompts: list[str],
+) -> tuple[SDXLParts, list, Trainer, EncodedPrompts | None]:
+    """The models (loaded into CPU memory), the data sets as the encoders see them (cached
+    latents, if asked), and the trainer (training/train_loop.py: place_and_build)."""
     import torch
 
     from sdxl.pretrained import load_sdxl
-    from training.cache import encoders
-    from training.train_loop import build_trainer
+    from training.train_loop import place_and_build, text_encoder_dtype
 
     torch.manual_seed(args.seed)
-    # Text encoders that train are stored as the UNet is (bf16 on CUDA); frozen ones in fp16.
-    text_dtype = precision.unet_dtype if args.train_text_encoder else precision.text_dtype
     parts = load_sdxl(
         model_folder,
         precision.unet_dtype,
         device="cpu",
-        text_dtype=text_dtype,
+        text_dtype=text_encoder_dtype(specs.adapter, precision),
         vae_folder=args.vae,
         prediction_type=args.prediction_type,
         zero_terminal_snr=args.zero_terminal_snr,
         vae_tile_size=args.vae_tile_size,
     )
-    parts.vae.to(dist.device)
-    parts.text_encoder.to(dist.device)
-    sets, encode_images, encode_text = encoders(parts, sets, specs.data, dist)
-    parts.vae.to("cpu" if args.cache_latents else dist.device)
-    parts.text_encoder.to("cpu" if args.cache_text_embeddings else dist.device)
-    parts.unet.to(dist.device)
-    tr = build_trainer(specs, parts, encode_images, encode_text, precision, dist, max_steps)
-    return parts, sets, tr
+    sets, tr, encoded = place_and_build(specs, parts, precision, dist, sets, max_steps, prompts)
+    return parts, sets, tr, encoded
 
 
-def checkpoint_kinds(
-    args: argparse.Namespace, step: int, max_steps: int, epoch_done: bool, stopped: bool
-) -> list[str]:
-    """Which checkpoints to write after `step`:
+def estimate_memory(args: argparse.Namespace, specs: TrainSpecs) -> int:
+    """--estimate_memory: the run's predicted GPU memory, phase by phase; nothing else is done."""
+    from sampling.prompts import read_prompt_file
+    from training.preflight import report
 
-    "step"   every --save_interval steps, when a signal stops the run, and at the last step
-             (unless that step ends an epoch, whose checkpoint is the last one then)
-    "epoch"  at the end of each epoch
-    """
-    kinds = []
-    interval = args.save_interval and step % args.save_interval == 0
-    if interval or stopped or (step == max_steps and not epoch_done):
-        kinds.append("step")
-    if epoch_done:
-        kinds.append("epoch")
-    return kinds
+    prompts = read_prompt_file(args.validation_prompts) if args.validation_prompts else []
+    print(report(specs, args.pretrained_model, validation_of(args, prompts)))
+    return 0
 
 
-def resolved_config(
-    args: argparse.Namespace, model: Path, precision: str, prediction_type: str
-) -> dict:
-    """What config.json and every checkpoint record of the run: the flags, with paths made absolute,
-    and what was resolved from them. Plain values only, as weights_only loading requires."""
-    values = vars(args)
-    return {
-        **values,
-        **{k: str(Path(v).resolve()) for k, v in values.items() if k in PATH_FLAGS and v},
-        "image_size": list(args.image_size),
-        "base_model": str(model.resolve()),
-        "resolved_precision": precision,
-        "resolved_prediction_type": prediction_type,
-    }
+def validation_of(args: argparse.Namespace, prompts: list[str]) -> Any:
+    """What the run validates, for the memory preflight (training/preflight.py: Validation)."""
+    from training.preflight import Validation
+
+    return Validation(args.validation_split > 0, len(prompts) if args.validation_steps else 0)
 
 
 if __name__ == "__main__":

@@ -49,15 +49,19 @@ def child(args: argparse.Namespace) -> None:
     prompts = [f"a photo of object number {i}" for i in range(args.batch_size)]
     seeds = list(range(args.batch_size))
     if args.side != "ref":
-        from sampling.inference import Pipeline, fast_unet, generate_unique_batch
+        from sampling.inference import build_pipeline, generate_unique_batch
         from sdxl.pretrained import load_sdxl
 
-        # the VAE tiles as generate_images.py does by default (the reference does not tile)
-        parts = load_sdxl(folder, dtype, device, vae_tile_size=args.vae_tile_size)
-        parts.unet.to(memory_format=torch.channels_last)
-        call = fast_unet(parts.unet, "graph" in args.side, "compile" in args.side)
-        pipe = Pipeline(
-            parts.unet, parts.text_encoder, parts.vae, parts.schedule, device, dtype, call
+        # what generate_images.py builds; the VAE tiles as it does by default (the reference
+        # does not tile)
+        pipe = build_pipeline(
+            lambda where: load_sdxl(folder, dtype, where, vae_tile_size=args.vae_tile_size),
+            lambda unet: [],
+            device=device,
+            dtype=dtype,
+            fp8_base=False,
+            cuda_graph="graph" in args.side,
+            compile="compile" in args.side,
         )
 
         def run() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import statistics
 import subprocess
@@ -104,33 +105,34 @@ MODES = {
 
 
 def child(args: argparse.Namespace) -> None:
-    """One mode: the step timed on the fly and cached; prints one JSON line."""
+    """One mode and one kind of data (on the fly, or cached); prints one JSON line."""
     device = resolve_device(args.device)
     dist = Distributed(0, 1, device)
     folder = mid_sdxl() if args.model == "mid" else resolve_model(args.model)
     precision = resolve_precision(args.precision, device)
     parts = load_sdxl(folder, precision.unet_dtype, device, precision.text_dtype)
     data = TrainingData(scan(args.data_dir), args.image_size, random_flip=True)
-    # The specs train_sdxl.py makes of --use_lora --lora_rank R --lora_alpha R and the mode's flags.
-    specs = TrainSpecs(
-        data=DataSpec(Path(args.data_dir), size=(args.image_size,) * 2, batch_size=args.batch_size),
-        model=ModelSpec(str(folder)),
-        adapter=AdapterSpec(rank=args.rank, alpha=args.rank),
-        loss=LossSpec(),
-        optimizer=OptimizerSpec(),
-        step=dataclasses.replace(MODES[args.mode], precision=args.precision),
-    )
-    tr = build_trainer(
-        specs, parts, parts.vae.moments, parts.text_encoder.encode, precision, dist, 1000
-    )
-    results = {"on the fly": time_steps(args, tr, data)}
     with tempfile.TemporaryDirectory() as cache:
-        spec = DataSpec(Path(args.data_dir), cache_latents=True, cache_text_embeddings=True)
-        spec = dataclasses.replace(spec, cache_dir=Path(cache))
-        (cached,), encode_images, encode_text = encoders(parts, [data], spec, dist)
-        tr = dataclasses.replace(tr, encode_images=encode_images, encode_text=encode_text)
-        results["cached"] = time_steps(args, tr, cached)
-    print(json.dumps(results))
+        # The specs train_sdxl.py makes of --use_lora --lora_rank R --lora_alpha R, the mode's
+        # flags and, for cached data, --cache_latents --cache_text_embeddings.
+        specs = TrainSpecs(
+            data=DataSpec(
+                Path(args.data_dir),
+                size=(args.image_size,) * 2,
+                batch_size=args.batch_size,
+                cache_latents=args.cached,
+                cache_text_embeddings=args.cached,
+                cache_dir=Path(cache),
+            ),
+            model=ModelSpec(str(folder)),
+            adapter=AdapterSpec(rank=args.rank, alpha=args.rank),
+            loss=LossSpec(),
+            optimizer=OptimizerSpec(),
+            step=dataclasses.replace(MODES[args.mode], precision=args.precision),
+        )
+        (data,), encode_images, encode_text = encoders(parts, [data], specs.data, dist)
+        tr = build_trainer(specs, parts, encode_images, encode_text, precision, dist, 1000)
+        print(json.dumps({"cached" if args.cached else "on the fly": time_steps(args, tr, data)}))
 
 
 def time_steps(args: argparse.Namespace, tr: Trainer, data) -> dict[str, float]:
@@ -161,9 +163,10 @@ def time_steps(args: argparse.Namespace, tr: Trainer, data) -> dict[str, float]:
 
 def main(args: argparse.Namespace) -> None:
     modes = args.modes or (list(MODES) if torch.cuda.is_available() else ["eager"])
-    results = {}
-    for mode in modes:
+    results: dict[str, dict] = {}
+    for mode, cached in itertools.product(modes, (False, True)):
         argv = [sys.executable, __file__, "--mode", mode, "--model", args.model]
+        argv += ["--cached"] if cached else []
         argv += ["--data_dir", args.data_dir, "--image_size", str(args.image_size)]
         argv += ["--batch_size", str(args.batch_size), "--rank", str(args.rank)]
         argv += ["--precision", args.precision, "--steps", str(args.steps)]
@@ -174,7 +177,7 @@ def main(args: argparse.Namespace) -> None:
             continue
         printed = done.stdout.strip().splitlines()
         print("\n".join(f"  [{mode}] {line}" for line in printed[:-1]))  # capture / compile notes
-        results[mode] = json.loads(printed[-1])
+        results.setdefault(mode, {}).update(json.loads(printed[-1]))
     print(
         f"model {args.model}, {args.image_size}px, batch {args.batch_size}, LoRA rank {args.rank}, "
         f"{args.precision} precision, gradient checkpointing, median of {args.steps} steps"
@@ -223,5 +226,6 @@ if __name__ == "__main__":
         help="what to measure (default: all on CUDA, eager on the CPU)",
     )
     p.add_argument("--mode", choices=list(MODES), help=argparse.SUPPRESS)  # one child process
+    p.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     child(a) if a.mode else main(a)

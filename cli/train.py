@@ -82,7 +82,13 @@ def parse_args(argv: list[str], description: str = "") -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     """Every flag, checked before anything heavy is imported, any model is loaded or any file is
     written: one line for the first problem."""
-    check_data_dir(args.data_dir)
+    if args.data_dir is None:
+        if not args.estimate_memory:
+            raise UserError(
+                "--data_dir FOLDER is required (a folder of image + .txt pairs or shards)"
+            )
+    elif not args.estimate_memory or Path(args.data_dir).is_dir():
+        check_data_dir(args.data_dir)
     check_numbers(
         args,
         {
@@ -131,12 +137,14 @@ def check_args(args: argparse.Namespace) -> None:
     check_device(args.device, "--device")
     if args.compile_backend != "inductor" and not args.compile:
         raise UserError("--compile_backend chooses the backend of --compile; add --compile")
-    check_model(args.pretrained_model, "--pretrained_model")
+    if not args.estimate_memory:  # (the preflight reads the configs, shipped ones if need be)
+        check_model(args.pretrained_model, "--pretrained_model")
     check_folder(args.vae, "--vae")
     if args.validation_prompts is not None:
         read_prompt_file(args.validation_prompts)
     check_file(args.resume, "--resume")
     check_output_dir(args.output_dir, "--output_dir")
+    check_numbers(args, {"ddp_timeout": POSITIVE})
     if args.cache_dir is not None:
         check_output_dir(args.cache_dir, "--cache_dir")
 
@@ -228,7 +236,7 @@ def optimizer_args(optimizer: str, pairs: list[str]) -> dict[str, object]:
 def training_specs(args: argparse.Namespace) -> TrainSpecs:
     """The flags, once, as the records the library takes (training/specs.py)."""
     data = DataSpec(
-        data_dir=Path(args.data_dir),
+        data_dir=Path(args.data_dir or "."),
         reg_data_dir=Path(args.reg_data_dir) if args.reg_data_dir else None,
         size=tuple(args.image_size),
         bucket=args.bucket,
@@ -307,6 +315,22 @@ def training_specs(args: argparse.Namespace) -> TrainSpecs:
     return TrainSpecs(data, model, adapter, loss, optimizer, step)
 
 
+def resolved_config(
+    args: argparse.Namespace, model: Path, precision: str, prediction_type: str
+) -> dict:
+    """What config.json and every checkpoint record of the run: the flags, with paths made absolute,
+    and what was resolved from them. Plain values only, as weights_only loading requires."""
+    values = vars(args)
+    return {
+        **values,
+        **{k: str(Path(v).resolve()) for k, v in values.items() if k in PATH_FLAGS and v},
+        "image_size": list(args.image_size),
+        "base_model": str(model.resolve()),
+        "resolved_precision": precision,
+        "resolved_prediction_type": prediction_type,
+    }
+
+
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     p = Parser(
         description=description,
@@ -322,7 +346,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument(
         "--data_dir",
-        required=True,
+        default=None,
         help="folder of name.jpg|jpeg|png|webp + name.txt pairs, or of WebDataset .tar shards",
     )
     add_shared(
@@ -646,6 +670,20 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "--wandb_project", default=None, help="also log to this Weights & Biases project"
     )
     g.add_argument("--resume", default=None, help="continue from this checkpoint (.pt)")
+    g.add_argument(
+        "--estimate_memory",
+        action="store_true",
+        help="print the run's predicted GPU memory (max_memory_reserved) phase by phase and exit: "
+        "on any machine, in seconds, without weights or a GPU (with the data folder if it is "
+        "there, for its largest bucket)",
+    )
+    g.add_argument(
+        "--ddp_timeout",
+        type=float,
+        default=240,
+        help="minutes a torchrun process waits for the others (while the first builds the "
+        "caches or renders validation images) before giving up (kohya's --ddp_timeout)",
+    )
     g.add_argument(
         "--lora_save_format",
         default="kohya",

@@ -12,8 +12,10 @@ embedding is all zeros.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -21,8 +23,11 @@ from PIL import Image
 from sampling.samplers import SAMPLERS, ModelFn, randn
 from sdxl.capture import Graphed, compile_blocks
 from sdxl.diffusion import NoiseSchedule
-from sdxl.lora import Adapter, LoRAModules, merge_lora
+from sdxl.files import atomic_write
+from sdxl.frozen import store_in_fp8
+from sdxl.lora import Adapter, LoRAModules, components, merge_lora
 from sdxl.lora_formats import attach_lora
+from sdxl.pretrained import SDXLParts
 from sdxl.text_encoders import SDXLTextEncoder
 from sdxl.unet import UNet2DConditionModel
 from sdxl.vae import SDXLVAE
@@ -31,10 +36,45 @@ from sdxl.vae import SDXLVAE
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
 
+class EncodedPrompts:
+    """A fixed set of prompts, encoded once by the text encoders and kept on the host, standing in
+    for the encoders in a Pipeline (what `generate_unique_batch` asks of them): validation images
+    need neither the encoders nor their memory on the device."""
+
+    def __init__(self, text_encoder: SDXLTextEncoder, prompts: list[str], device: torch.device):
+        self.prompts, self.device, self.dtype = prompts, device, text_encoder.dtype
+        self.chunks = {p: text_encoder.chunks_needed([p]) for p in [*prompts, ""]}
+        self.encoded = {}
+        for p in self.chunks:  # one prompt at a time, each at its own length; "" for guidance
+            context, pooled = text_encoder.encode([p], self.chunks[p])
+            self.encoded[p] = (context.cpu(), pooled.cpu())
+        with torch.no_grad():
+            self.zeros = [t.cpu() for t in text_encoder.encode_negative(None, 1, 1)]
+        self.force_zeros = text_encoder.force_zeros_for_empty_prompt
+
+    def chunks_needed(self, prompts: list[str]) -> int:
+        return max(self.chunks[p] for p in prompts)
+
+    def encode(self, prompts: list[str], chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        for p in prompts:
+            assert self.chunks[p] == chunks, "encoded prompts are used one length at a time"
+        context = torch.cat([self.encoded[p][0] for p in prompts]).to(self.device)
+        return context, torch.cat([self.encoded[p][1] for p in prompts]).to(self.device)
+
+    def encode_negative(
+        self, negative_prompts: list[str] | None, batch: int, chunks: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if negative_prompts is None and self.force_zeros:
+            context, pooled = self.zeros
+            context = context.repeat(batch, chunks, 1)  # (batch, chunks * 77, 2048)
+            return context.to(self.device), pooled.repeat(batch, 1).to(self.device)
+        return self.encode(negative_prompts or [""] * batch, chunks)
+
+
 @dataclass
 class Pipeline:
     unet: UNet2DConditionModel
-    text_encoder: SDXLTextEncoder
+    text_encoder: SDXLTextEncoder | EncodedPrompts
     vae: SDXLVAE
     schedule: NoiseSchedule
     device: torch.device
@@ -42,24 +82,63 @@ class Pipeline:
     unet_call: UNetFn | None = None  # how the sampling loop calls the UNet; None: the UNet itself
 
 
-def fast_unet(unet: UNet2DConditionModel, cuda_graph: bool, compile: bool) -> UNetFn:
-    """The sampling loop's UNet call, faster on a GPU (sdxl/capture.py): with `compile`, its
-    blocks compiled; with `cuda_graph`, replayed as CUDA graphs. The loop is the same; only the call
+def build_pipeline(
+    load: Callable[[torch.device | str], SDXLParts],
+    read_loras: Callable[[UNet2DConditionModel], list[tuple[LoRAModules | dict, float]]],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    fp8_base: bool,
+    cuda_graph: bool,
+    compile: bool,
+) -> Pipeline:
+    """The models `load(device)` gives, with the LoRAs `read_loras(unet)` gives merged in, each in
+    turn, as one Pipeline on `device`. They load straight onto the device; with `fp8_base` onto the
+    host, where the merges and the fp8 conversion are done before the UNet moves: its bf16 copy
+    never reaches the device (it would set max_memory_reserved). The text encoders stay on the
+    device: each batch needs them. The memory preflight (sampling/preflight.py) runs this too."""
+    parts = load("cpu" if fp8_base else device)
+    models = components(parts.unet, parts.text_encoder)
+    for weights, scale in read_loras(parts.unet):  # each merged into the weights, in turn
+        apply_lora(models, weights, scale)
+    if fp8_base:  # after the merges, which need the weights in full precision
+        store_in_fp8(parts.unet)
+    for part in (parts.unet, parts.text_encoder, parts.vae):
+        part.to(device)
+    parts.unet.to(memory_format=torch.channels_last)
+    pipe = Pipeline(parts.unet, parts.text_encoder, parts.vae, parts.schedule, device, dtype)
+    return fast_calls(pipe, cuda_graph, compile)
+
+
+def fast_calls(pipe: Pipeline, cuda_graph: bool, compile: bool) -> Pipeline:
+    """The pipeline with a faster UNet call on a GPU (sdxl/capture.py): with `compile`, its blocks
+    compiled; with `cuda_graph`, replayed as CUDA graphs. The loop is the same; only the call
     changes."""
     if compile:
-        compile_blocks(unet)
-    return graphed_unet(unet, capture=True) if cuda_graph else unet
+        compile_blocks(pipe.unet)
+    if not cuda_graph:
+        return pipe
+    return graphed_calls(pipe, capture=True)
 
 
-def graphed_unet(unet: UNet2DConditionModel, capture: bool) -> UNetFn:
+def graphed_calls(pipe: Pipeline, capture: bool) -> Pipeline:
     """The UNet call through `Graphed`: one graph per batch and image size, captured at the first
-    sampling step that has them. capture=False runs the same path eagerly (the CPU tests)."""
+    sampling step that has them. capture=False runs the same path eagerly (the CPU tests).
+
+    Memory: the graph's private pool (0.32 GiB at 1024 px with guidance) stays reserved under the
+    VAE's decode, which cannot use it. Capturing the decode into the same pool does not lower the
+    high-water mark: its eager warm-up comes first, on top of the pool (the memory preflight)."""
+    unet = pipe.unet
 
     def flat(x, t, context, text_embeds, time_ids):  # Graphed takes tensors, not a dict
         return unet(x, t, context, {"text_embeds": text_embeds, "time_ids": time_ids})
 
     graphs = Graphed(flat, capture, label="--cuda-graph UNet call" if capture else None)
-    return lambda x, t, context, cond: graphs(x, t, context, cond["text_embeds"], cond["time_ids"])
+
+    def unet_call(x, t, context, cond):
+        return graphs(x, t, context, cond["text_embeds"], cond["time_ids"])
+
+    return dataclasses.replace(pipe, unet_call=unet_call)
 
 
 def guided(
@@ -145,6 +224,12 @@ def generate_unique_batch(
 def to_pil(image: torch.Tensor) -> Image.Image:
     """(3, H, W) in [0, 1] -> an 8-bit RGB image."""
     return Image.fromarray((image.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy())
+
+
+def save_grid(images: torch.Tensor, path: Path) -> None:
+    """(N, 3, H, W) in [0, 1] -> one PNG grid, written atomically."""
+    with atomic_write(path) as tmp:
+        image_grid(images).save(tmp, format="PNG")
 
 
 def image_grid(images: torch.Tensor) -> Image.Image:

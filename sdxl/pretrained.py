@@ -107,18 +107,57 @@ def schedule_of(
 def meta_models(model: Path) -> dict[str, torch.nn.Module]:
     """The UNet and both text encoders of a model, built on the meta device from its configs (no
     weights): for checking that a LoRA fits before anything is loaded."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    parts = meta_parts(model)
+    return {
+        "unet": parts.unet,
+        "text_encoder": parts.text_encoder.text_encoder,
+        "text_encoder_2": parts.text_encoder.text_encoder_2,
+    }
+
+
+def meta_parts(
+    model: Path,
+    unet_dtype: torch.dtype = torch.float32,
+    text_dtype: torch.dtype = torch.float32,
+    prediction_type: str | None = None,
+    zero_terminal_snr: bool | None = None,
+    vae_tile_size: int = 0,
+) -> SDXLParts:
+    """Every part of a model (a folder, a single file, or only its configs) built on the meta
+    device, in the dtypes a run stores them in: what the memory preflights trace (sdxl/memory.py).
+    The tokenizers are real (from the configs): prompts are tokenized on the host."""
+    from diffusers import AutoencoderKL
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
 
     configs = config_folder(model)
     unet_config = json.loads((configs / "unet" / "config.json").read_text())
+    vae_config = json.loads((configs / "vae" / "config.json").read_text())
     with torch.device("meta"):
-        return {
-            "unet": UNet2DConditionModel(config_from_diffusers(unet_config)),
-            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(configs / "text_encoder")),
-            "text_encoder_2": CLIPTextModelWithProjection(
-                CLIPTextConfig.from_pretrained(configs / "text_encoder_2")
-            ),
-        }
+        unet = UNet2DConditionModel(config_from_diffusers(unet_config)).to(unet_dtype)
+        text_1 = CLIPTextModel(CLIPTextConfig.from_pretrained(configs / "text_encoder"))
+        text_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig.from_pretrained(configs / "text_encoder_2")
+        )
+        vae = AutoencoderKL(**{k: v for k, v in vae_config.items() if not k.startswith("_")})
+    text_encoder = SDXLTextEncoder(
+        CLIPTokenizer.from_pretrained(configs / "tokenizer"),
+        CLIPTokenizer.from_pretrained(configs / "tokenizer_2"),
+        text_1.to(text_dtype),
+        text_2.to(text_dtype),
+    )
+    return SDXLParts(
+        unet=unet,
+        text_encoder=text_encoder,
+        vae=SDXLVAE(vae, vae_tile_size),
+        schedule=schedule_of(model, prediction_type, zero_terminal_snr),
+        text_sources=(),
+        vae_source=model,
+    )
 
 
 def is_hub_id(name: str) -> bool:

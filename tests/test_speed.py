@@ -18,7 +18,7 @@ import train_sdxl
 import training.train_loop
 from cli.generate import build_parser as build_generation_parser
 from cli.train import build_parser, training_specs
-from sampling.inference import Pipeline, generate_unique_batch, graphed_unet
+from sampling.inference import Pipeline, generate_unique_batch, graphed_calls
 from sdxl.capture import Graphed
 from sdxl.checkpoint import load_checkpoint
 from sdxl.device import Distributed
@@ -111,8 +111,8 @@ def test_graph_path_equals_eager_and_resumes_exactly(tiny_model, tmp_path, capsy
     capsys.readouterr()
     graphed = run(tiny_model, data, tmp_path / "graphed", "--max_train_steps", "4")
     printed = capsys.readouterr().out
-    # One entry per input shape: moments (B, 8, h, w) of latents 8x24 and 24x8.
-    assert "1x8x24x8" in printed and "1x8x8x24" in printed and "shapes: 2" in printed
+    # One entry per input shape: images (B, 3, H, W) of 64x192 and 192x64 (the step encodes them).
+    assert "1x3x192x64" in printed and "1x3x64x192" in printed and "shapes: 2" in printed
     assert_same_run(graphed, eager)  # bitwise
     m_graphed, m_eager = metrics(tmp_path / "graphed"), metrics(tmp_path / "eager")
     for key in ("loss", "grad_norm", "val_loss", "lr"):
@@ -238,7 +238,7 @@ def test_graphed_call_keeps_one_entry_per_signature():
 def test_graphed_sampling_equals_eager(tiny_model):
     parts = load_sdxl(tiny_model, torch.float32)
     pipe = Pipeline(parts.unet, parts.text_encoder, parts.vae, parts.schedule, "cpu", torch.float32)
-    graphed = Pipeline(**{**vars(pipe), "unet_call": graphed_unet(parts.unet, capture=False)})
+    graphed = graphed_calls(pipe, capture=False)
     for size in (64, 32):  # two sizes: two graphs' worth of buffers
         expected = generate_unique_batch(pipe, ["a red cube", "a ball"], [1, 2], size, size, 3)
         got = generate_unique_batch(graphed, ["a red cube", "a ball"], [1, 2], size, size, 3)
@@ -314,7 +314,7 @@ def test_cuda_graph_sampling_equals_eager(tiny_model, deterministic_kernels):
     pipe = Pipeline(
         parts.unet, parts.text_encoder, parts.vae, parts.schedule, "cuda", torch.float32
     )
-    graphed = Pipeline(**{**vars(pipe), "unet_call": graphed_unet(parts.unet, capture=True)})
+    graphed = graphed_calls(pipe, capture=True)
     expected = generate_unique_batch(pipe, ["a red cube"], [1], 64, 64, 5)
     got = generate_unique_batch(graphed, ["a red cube"], [1], 64, 64, 5)
     assert (got - expected).abs().max() <= 1e-6

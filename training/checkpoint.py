@@ -125,6 +125,24 @@ def save_checkpoint(
     return path
 
 
+def checkpoint_kinds(
+    step: int, max_steps: int, save_interval: int, epoch_done: bool, stopped: bool
+) -> list[str]:
+    """Which checkpoints to write after `step`:
+
+    "step"   every --save_interval steps, when a signal stops the run, and at the last step
+             (unless that step ends an epoch, whose checkpoint is the last one then)
+    "epoch"  at the end of each epoch
+    """
+    kinds = []
+    interval = save_interval and step % save_interval == 0
+    if interval or stopped or (step == max_steps and not epoch_done):
+        kinds.append("step")
+    if epoch_done:
+        kinds.append("epoch")
+    return kinds
+
+
 def save_checkpoints(
     folder: Path,
     kinds: list[str],

@@ -166,7 +166,7 @@ def tensor_learning_rates(optimizer: torch.optim.Optimizer, device: torch.device
         if "capturable" not in group:  # not torch's Adam family: left as it is
             continue
         group["lr"] = torch.tensor(float(group["lr"]), device=device)
-        group["capturable"] = device.type == "cuda"
+        group["capturable"] = device.type in ("cuda", "meta")  # meta: the preflight's GPU
         for p in group["params"]:
             state = optimizer.state.get(p, {})
             if "step" in state:  # on the device if capturable, else on the CPU

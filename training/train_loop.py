@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from sampling.inference import Pipeline, generate_unique_batch, image_grid
+from sampling.inference import EncodedPrompts, Pipeline, generate_unique_batch
 from sdxl.capture import Graphed, compile_blocks
 from sdxl.device import Distributed, Precision
 from sdxl.diffusion import NoiseSchedule
 from sdxl.errors import UserError
-from sdxl.files import atomic_write
 from sdxl.frozen import store_in_fp8
 from sdxl.lora import (
     apply_lora_to_text_encoders,
@@ -41,7 +39,7 @@ from sdxl.pretrained import SDXLParts
 from sdxl.unet import UNet2DConditionModel
 from sdxl.vae import SDXLVAE
 from training import noise
-from training.cache import ImageEncoder, TextEncoder
+from training.cache import ImageEncoder, TextEncoder, encoders
 from training.data_loader import Batch, sample_seed
 from training.ema import EMA
 from training.loss import noised_loss, training_loss
@@ -84,6 +82,9 @@ class DeviceStep:
     unet: UNet2DConditionModel
     model: torch.nn.Module  # what the forward runs: the UNet, or its DDP wrapper
     vae: SDXLVAE
+    # images -> VAE moments: the VAE's encoder, or with cached latents the moments as they come.
+    # Inside the step, so that a CUDA graph's memory serves the encoder and the UNet in turn.
+    encode_images: ImageEncoder
     schedule: NoiseSchedule
     loss: LossSpec
     precision: Precision
@@ -106,7 +107,6 @@ class Trainer:
     micro_step: Callable[..., torch.Tensor]  # `micro_step` over `step`: eager, graphed or compiled
     optimizer_update: Callable[[], torch.Tensor]  # `optimizer_update` over `step`, likewise
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
-    encode_images: ImageEncoder
     encode_text: TextEncoder
     no_sync: Callable[[], contextlib.AbstractContextManager]  # DDP: skip the gradient sync
     device: torch.device
@@ -138,7 +138,10 @@ def build_trainer(
     checkpointing), build its optimizer, and choose how the step runs. The script, the benches and
     the tests all build their trainer here."""
     unet = parts.unet
+    # Adapters and fp8 storage while the UNet is on the host: the UNet then arrives in the form it
+    # trains in, and a bf16 copy never reaches the device (which would set max_memory_reserved).
     models = torch.nn.ModuleDict(make_trainable(specs.adapter, specs.step.fp8_base, parts))
+    unet.to(dist.device)
     if specs.step.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.to(memory_format=torch.channels_last)  # the layout fast convolution kernels want
@@ -155,6 +158,7 @@ def build_trainer(
         unet=unet,
         model=model,
         vae=parts.vae,
+        encode_images=encode_images,
         schedule=parts.schedule.to(dist.device),  # its table beside the UNet: no copy per step
         loss=specs.loss,
         precision=precision,
@@ -187,12 +191,45 @@ def build_trainer(
         micro_step=micro,
         optimizer_update=update,
         lr_scheduler=lr_scheduler,
-        encode_images=encode_images,
         encode_text=encode_text,
         no_sync=getattr(model, "no_sync", contextlib.nullcontext),
         device=dist.device,
         seed=specs.data.seed,
     )
+
+
+def text_encoder_dtype(adapter: AdapterSpec | None, precision: Precision) -> torch.dtype:
+    """Text encoders that train are stored as the UNet is (bf16 on CUDA); frozen ones in fp16."""
+    train = adapter is not None and adapter.train_text_encoder
+    return precision.unet_dtype if train else precision.text_dtype
+
+
+def place_and_build(
+    specs: TrainSpecs,
+    parts: SDXLParts,
+    precision: Precision,
+    dist: Distributed,
+    sets: list,
+    max_steps: int,
+    prompts: list[str],
+    make_encoders: Callable = encoders,
+) -> tuple[list, Trainer, EncodedPrompts | None]:
+    """From models on the host to a trainer, with on the device only what each phase needs, in
+    this order: the VAE and text encoders (the caches are built before the UNet arrives: encoding
+    full-size images in fp32 is the VAE's peak; the validation prompts are encoded then too); an
+    encoder that a cache replaces leaves for good; then the UNet, in the form it trains in
+    (`build_trainer`). Returns the data sets as the encoders see them (cached latents, if asked),
+    the trainer and the encoded validation prompts. The memory preflight (training/preflight.py)
+    runs this same function on the meta device."""
+    parts.vae.to(dist.device)
+    parts.text_encoder.to(dist.device)
+    with torch.no_grad():
+        encoded = EncodedPrompts(parts.text_encoder, prompts, dist.device) if prompts else None
+    sets, encode_images, encode_text = make_encoders(parts, sets, specs.data, dist)
+    parts.vae.to("cpu" if specs.data.cache_latents else dist.device)
+    parts.text_encoder.to("cpu" if specs.data.cache_text_embeddings else dist.device)
+    tr = build_trainer(specs, parts, encode_images, encode_text, precision, dist, max_steps)
+    return sets, tr, encoded
 
 
 def use_graphs(specs: TrainSpecs, dist: Distributed) -> bool | None:
@@ -201,7 +238,8 @@ def use_graphs(specs: TrainSpecs, dist: Distributed) -> bool | None:
     mode = specs.step.cuda_graph
     if mode == "uncaptured":
         return False
-    if mode != "auto" or dist.device.type != "cuda":
+    # (meta: the memory preflight's stand-in for a GPU, whose graphs it simulates)
+    if mode != "auto" or dist.device.type not in ("cuda", "meta"):
         return None
     obstacle = cuda_graph_obstacle(specs, dist)
     if obstacle is not None and dist.main:
@@ -255,23 +293,23 @@ def make_trainable(
 # One step
 # ---------------------------------------------------------------------------------------------
 
-# One micro-batch on the device: VAE moments (B, 8, h, w), context (B, 77, 2048), pooled (B, 1280),
-# time ids (B, 6), per-sample seeds (B,), loss masks (B, 1, h, w).
+# One micro-batch on the device: images (B, 3, H, W), or their VAE moments (B, 8, h, w) when
+# latents are cached; context (B, 77, 2048), pooled (B, 1280), time ids (B, 6), per-sample seeds
+# (B,), loss masks (B, 1, h, w).
 StepInputs = tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 ]
 
 
 def prepare(tr: Trainer, batch: Batch) -> StepInputs:
-    """The host side of a micro-batch: encode (or read the caches) and move it to the device. Each
-    sample's seed comes from the run's seed and its sample id, so its random draws do not depend on
-    the batching."""
+    """The host side of a micro-batch: encode the captions (or read the caches) and move it all to
+    the device (the images are encoded in the step). Each sample's seed comes from the run's seed
+    and its sample id, so its random draws do not depend on the batching."""
     images, time_ids, captions, ids, masks = batch
-    moments = tr.encode_images(images.to(tr.device))
     context, pooled = tr.encode_text(captions)
     seeds = torch.tensor([sample_seed(tr.seed, int(i)) for i in ids], dtype=torch.int64)
     return (
-        moments,
+        images.to(tr.device),
         context,
         pooled,
         time_ids.to(tr.device),
@@ -285,8 +323,10 @@ def micro_step(s: DeviceStep, *inputs: torch.Tensor) -> torch.Tensor:
     numbers (a tensor, so that a graph takes them as input). The gradients of weight * loss / count
     are added to the parameters' (weight: 1, or --prior_loss_weight for a regularisation batch).
     Returns loss / count, detached. Device work only."""
-    *batch, scale = inputs
-    loss = training_loss(s.model, s.vae, s.schedule, s.loss, s.precision, *batch).mean() / scale[0]
+    images, *batch, scale = inputs
+    moments = s.encode_images(images)  # (no gradient: the VAE is frozen)
+    loss = training_loss(s.model, s.vae, s.schedule, s.loss, s.precision, moments, *batch)
+    loss = loss.mean() / scale[0]
     s.scaler.scale(loss * scale[1]).backward()
     return loss.detach()
 
@@ -337,14 +377,15 @@ def train_step(
 @torch.no_grad()
 def validate(
     tr: Trainer, batches: list[Batch], timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)
-) -> float:
+) -> torch.Tensor:
     """Mean loss over the batches at fixed timesteps and fixed noise (seeded by the validation
-    sample's index), so that numbers are comparable between steps and between runs. Runs the plain
-    UNet (no data-parallel sync)."""
+    sample's index), so that numbers are comparable between steps and between runs, as a device
+    tensor (reading it is the caller's sync). Runs the plain UNet (no data-parallel sync)."""
     s = tr.step
     losses = []
     for batch in batches:
-        moments, context, pooled, time_ids, seeds, mask = prepare(tr, batch)
+        images, context, pooled, time_ids, seeds, mask = prepare(tr, batch)
+        moments = s.encode_images(images)
         shape = (moments.shape[1] // 2, *moments.shape[2:])
         x0 = s.vae.sample(moments, noise.randn(seeds, noise.VALIDATION, shape))
         for k, step in enumerate(timesteps):
@@ -353,43 +394,33 @@ def validate(
             cond = (context, pooled, time_ids, t, eps, eps, mask)
             loss = noised_loss(s.unet, s.schedule, s.loss, s.precision, x0, *cond)
             losses.append(loss.mean())
-    return float(torch.stack(losses).mean()) if losses else 0.0
-
-
-@contextlib.contextmanager
-def borrowed(device: torch.device, *modules: torch.nn.Module) -> Iterator[None]:
-    """The modules on `device` for the duration, then back where they were: the encoders that
-    caches keep off the device, for validation images."""
-    homes = [next(m.parameters()).device for m in modules]
-    for m in modules:
-        m.to(device)
-    try:
-        yield
-    finally:
-        for m, home in zip(modules, homes):
-            m.to(home)
+    return torch.stack(losses).mean() if losses else torch.zeros((), device=tr.device)
 
 
 def validation_images(
     tr: Trainer,
     parts: SDXLParts,
-    prompts: list[str],
+    prompts: EncodedPrompts,
     *,
     seed: int,
     size: tuple[int, int],
     steps: int,
-    path: Path,
-) -> None:
+) -> torch.Tensor:
     """Fixed-seed images of the validation prompts (prompt i from seed + i) at `size` (width,
-    height), as one PNG grid, with the EMA weights if the run keeps them."""
+    height), with the EMA weights if the run keeps them: (N, 3, height, width) in [0, 1].
+
+    Memory: the prompts were encoded at the start, so the text encoders need not come back to the
+    device; the images are made one at a time; and they are decoded where the VAE is: on the host
+    when the latents are cached (its weights and activations would otherwise sit on top of the
+    step's CUDA graphs; a 1024 px decode takes seconds on a CPU)."""
     if tr.ema is not None:
         tr.ema.swap()
     dtype = tr.step.precision.compute_dtype
-    pipe = Pipeline(tr.unet, parts.text_encoder, parts.vae, parts.schedule, tr.device, dtype)
-    seeds = [seed + i for i in range(len(prompts))]
-    with borrowed(tr.device, parts.text_encoder, parts.vae):
-        images = generate_unique_batch(pipe, prompts, seeds, size[1], size[0], steps)
+    pipe = Pipeline(tr.unet, prompts, parts.vae, parts.schedule, tr.device, dtype)
+    images = [
+        generate_unique_batch(pipe, [prompt], [seed + i], size[1], size[0], steps)
+        for i, prompt in enumerate(prompts.prompts)
+    ]
     if tr.ema is not None:
         tr.ema.swap()
-    with atomic_write(path) as tmp:
-        image_grid(images).save(tmp, format="PNG")
+    return torch.cat(images)

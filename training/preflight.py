@@ -1,0 +1,240 @@
+"""The memory preflight of a training run (`train_sdxl.py --estimate_memory`): the run's own set-up
+and steps, in its order, on the meta device (sdxl/memory.py says how), in seconds and without
+weights, data or a GPU.
+
+It runs `place_and_build` (the VAE and text encoders arriving, the caches built, encoders leaving,
+the UNet arriving as it trains), two `train_step`s at the largest input the data gives (the first
+warms up and captures the CUDA graphs, the second replays them), the validation loss, and the
+validation images (the encoders borrowed back, sampling, decoding). The caches are built with one
+image and one caption, the largest: the peak does not grow with their number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdxl.device import Distributed, resolve_precision
+from sdxl.errors import UserError
+from sdxl.files import cache_root
+from sdxl.memory import GiB, MemoryTrace, simulated_cuda_graphs
+from sdxl.pretrained import SDXL_CONFIGS, SDXLParts, meta_parts, tiny_sdxl
+from training.cache import ImageEncoder, TextEncoder, moments_as_given
+from training.data_loader import Batch, assign_buckets
+from training.scan import scan
+from training.specs import DataSpec, TrainSpecs
+from training.train_loop import (
+    place_and_build,
+    text_encoder_dtype,
+    train_step,
+    validate,
+    validation_images,
+)
+
+TOKENS = 75  # a caption of this many tokens per chunk: the largest the encoders take
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What the run validates: a held-out loss and how many prompts' images (0: none)."""
+
+    loss: bool = False
+    prompts: int = 0
+
+
+def estimate_training(
+    specs: TrainSpecs,
+    model: Path,
+    size: tuple[int, int] | None = None,
+    validation: Validation = Validation(),
+) -> MemoryTrace:
+    """The run's phases traced (MemoryTrace.report() prints them). `size`: the largest (width,
+    height) a batch has (a bucket's; default the spec's size)."""
+    width, height = size or specs.data.size
+    precision = resolve_precision(specs.step.precision, torch.device("cuda"), specs.adapter is None)
+    parts = meta_parts(
+        model,
+        precision.unet_dtype,
+        text_encoder_dtype(specs.adapter, precision),
+        specs.model.prediction_type,
+        specs.model.zero_terminal_snr,
+        specs.model.vae_tile_size,
+    )
+    dist = Distributed(0, 1, torch.device("meta"))
+    trace = MemoryTrace()
+    chunks = specs.data.max_token_length // 75
+    caption = " ".join(["word"] * TOKENS * chunks)  # (a word is a token or more)
+    batch = synthetic_batch(specs.data, width, height, caption)
+    quiet = contextlib.redirect_stdout(io.StringIO())  # the run's own lines (adapters, graphs)
+    with quiet, trace, simulated_cuda_graphs(trace):
+        make_encoders = functools.partial(traced_caches, trace, (width, height), caption)
+        prompts = [caption] * validation.prompts
+        _, tr, encoded = place_and_build(
+            specs, parts, precision, dist, [None] * 3, 1, prompts, make_encoders
+        )
+        steps = specs.data.gradient_accumulation_steps
+        reg = [batch] * steps if specs.data.reg_data_dir else []
+        with trace.phase("step 1: the micro-steps and the update (warm-up, capture)"):
+            train_step(tr, [batch] * steps, reg)
+        with trace.phase("step 2 (replays)"):
+            train_step(tr, [batch] * steps, reg)
+        if validation.loss:
+            with trace.phase("validation loss"):
+                validate(tr, [batch])
+        if encoded is not None:
+            images = validation_images(tr, parts, encoded, seed=0, size=(width, height), steps=2)
+            del images
+            trace.row("validation images: sampling and decoding")
+    return trace
+
+
+def traced_caches(
+    trace: MemoryTrace,
+    size: tuple[int, int],
+    caption: str,
+    parts: SDXLParts,
+    sets: list,
+    spec: DataSpec,
+    dist: Distributed,
+) -> tuple[list, ImageEncoder, TextEncoder]:
+    """training/cache.py's `encoders` as the preflight runs it: for each cache the run builds, one
+    image through the VAE or one caption through the text encoders (the largest); and the
+    encoders the steps then use: the VAE and text encoders, or what the caches give back."""
+    width, height = size
+    chunks = spec.max_token_length // 75
+    encode_images: ImageEncoder = parts.vae.moments
+    encode_text: TextEncoder = functools.partial(parts.text_encoder.encode, chunks=chunks)
+    if spec.cache_latents:
+        with trace.phase("latent cache: an image through the VAE"):
+            parts.vae.moments(torch.zeros(1, 3, height, width, device=dist.device))
+        encode_images = moments_as_given
+    if spec.cache_text_embeddings:
+        with trace.phase("text cache: a caption through the text encoders"):
+            parts.text_encoder.encode([caption], chunks)
+        text = parts.text_encoder
+        width_ctx = text.text_encoder.config.hidden_size + text.text_encoder_2.config.hidden_size
+        pooled = text.text_encoder_2.config.projection_dim
+
+        def encode_text(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            b, device, dtype = len(captions), dist.device, text.dtype
+            context = torch.zeros(b, chunks * 77, width_ctx, device=device, dtype=dtype)
+            return context, torch.zeros(b, pooled, device=device, dtype=dtype)
+
+    return sets, encode_images, encode_text
+
+
+def synthetic_batch(spec: DataSpec, width: int, height: int, caption: str) -> Batch:
+    """A batch of the spec's size at (width, height), as the data loader hands it over: pixels, or
+    the VAE moments when latents are cached."""
+    b = spec.batch_size
+    if spec.cache_latents:
+        images = torch.zeros(b, 8, height // 8, width // 8)
+    else:
+        images = torch.zeros(b, 3, height, width)
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]] * b, dtype=torch.float32)
+    masks = torch.ones(b, 1, height // 8, width // 8)
+    return images, time_ids, [caption] * b, torch.arange(b), masks
+
+
+# ---------------------------------------------------------------------------------------------
+# What the script asks: the estimate of its run, and flags that fit a card
+# ---------------------------------------------------------------------------------------------
+
+
+def largest_size(spec: DataSpec) -> tuple[int, int]:
+    """The largest (width, height) a batch of the run has: with buckets, the largest bucket the
+    data folder's images fall into (when the folder is there), else the training size."""
+    if not (spec.bucket and spec.data_dir.is_dir()):
+        return spec.size
+    records = scan(spec.data_dir, (spec.cache_dir or cache_root() / "cache") / "scan")
+    return max(set(assign_buckets(records, spec.size)), key=lambda s: s[0] * s[1])
+
+
+def model_configs(name: str) -> tuple[Path, str]:
+    """Where the preflight reads the model's configs, and a note when it is not the model named:
+    its folder (or for a single file, the shipped configs), else the shipped SDXL base configs."""
+    path = Path(name)
+    if name == "tiny":
+        return tiny_sdxl(), ""
+    if path.exists():
+        return path, ""
+    return SDXL_CONFIGS, f"(model {name} is not here: the shipped SDXL base configs are used)"
+
+
+# The flag changes tried, in order, when a run does not fit the card: (flags, specs changed).
+ALTERNATIVES: list[tuple[str, Callable[[TrainSpecs], TrainSpecs | None]]] = [
+    (
+        "--cache_latents --cache_text_embeddings",
+        lambda s: _data(s, cache_latents=True, cache_text_embeddings=True),
+    ),
+    ("--fp8_base", lambda s: None if s.adapter is None else _step(s, fp8_base=True)),
+    ("--gradient_checkpointing", lambda s: _step(s, gradient_checkpointing=True)),
+    ("--cuda_graph off", lambda s: _step(s, cuda_graph="off")),
+    ("--image_size 768", lambda s: _data(s, size=(768, 768)) if max(s.data.size) > 768 else None),
+    ("--image_size 512", lambda s: _data(s, size=(512, 512)) if max(s.data.size) > 512 else None),
+]
+
+
+def _data(s: TrainSpecs, **changes: Any) -> TrainSpecs | None:
+    new = dataclasses.replace(s, data=dataclasses.replace(s.data, **changes))
+    return None if new == s else new
+
+
+def _step(s: TrainSpecs, **changes: Any) -> TrainSpecs | None:
+    new = dataclasses.replace(s, step=dataclasses.replace(s.step, **changes))
+    return None if new == s else new
+
+
+def check_fits(
+    specs: TrainSpecs, model: Path, validation: Validation, total: int, predicted: int
+) -> None:
+    """A run predicted not to fit the card stops here, with one line naming flag changes that
+    would fit (each estimated in turn; the first two that fit)."""
+    if predicted <= total:
+        return
+    fits = []
+    for flags, change in ALTERNATIVES:
+        other = change(specs)
+        if other is None:
+            continue
+        size = largest_size(other.data) if other.data.size != specs.data.size else None
+        peak = estimate_training(other, model, size, validation).peak
+        if peak <= total:
+            fits.append(f"{flags} ({peak / GiB:.1f} GiB)")
+        if len(fits) == 2:
+            break
+    advice = "; ".join(fits) if fits else "none of the usual flag changes does; a larger card"
+    raise UserError(
+        f"this run is predicted to need {predicted / GiB:.1f} GiB of GPU memory, more than the "
+        f"card's {total / GiB:.1f} GiB; flags that would fit: {advice}"
+    )
+
+
+def report(specs: TrainSpecs, model_name: str, validation: Validation) -> str:
+    """--estimate_memory's table: the run's phases and the predicted max_memory_reserved."""
+    model, note = model_configs(model_name)
+    trace = estimate_training(specs, model, largest_size(specs.data), validation)
+    return "\n".join([note, trace.report()]).strip()
+
+
+def predict_on_cuda(
+    specs: TrainSpecs, model: Path, validation: Validation, device: torch.device
+) -> int:
+    """At the start of a run on a GPU: the predicted max_memory_reserved, printed in one line; a
+    run that would not fit the card stops here (`check_fits`)."""
+    trace = estimate_training(specs, model, largest_size(specs.data), validation)
+    total = torch.cuda.get_device_properties(device).total_memory
+    print(
+        f"memory preflight: predicted max_memory_reserved {trace.peak / GiB:.2f} GiB of the "
+        f"card's {total / GiB:.1f} GiB (--estimate_memory shows each phase)"
+    )
+    check_fits(specs, model, validation, total, trace.peak)
+    return trace.peak
