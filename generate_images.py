@@ -38,9 +38,11 @@ from cli.options import run_cli
 from sdxl.errors import UserError
 
 
-def main(args: argparse.Namespace) -> Path:
+def main(args: argparse.Namespace) -> Path | int:
     """Make the images the flags ask for that the folder does not hold yet; returns the folder."""
     check_args(args)  # every flag, before the heavy imports (about 20 s on a small machine)
+    if args.estimate_memory:
+        return estimate_memory(args)
     import torch
     from tqdm import tqdm
 
@@ -64,6 +66,9 @@ def main(args: argparse.Namespace) -> Path:
     model_folder = resolve_model(base, half=precision.unet_dtype != torch.float32)
     for lora, _ in adapters:
         check_lora_fits(lora, model_folder)
+    predicted = None
+    if dist.device.type == "cuda" and dist.main:  # stops here if the run would not fit the card
+        predicted = predict_on_cuda(args, model_folder, adapters, jobs, dist.device)
     schedule = schedule_of(model_folder, args.prediction_type, args.zero_terminal_snr)
     v_prediction = schedule.prediction_type == "v_prediction"
     rescale = args.guidance_rescale if args.guidance_rescale is not None else 0.7 * v_prediction
@@ -91,7 +96,8 @@ def main(args: argparse.Namespace) -> Path:
         if share(k, batch) % dist.world == dist.rank
         and not all(writer.done(j["index"]) for j in batch)
     ]
-    pipe = load_pipeline(args, model_folder, adapters, precision, dist) if todo else None
+    if todo:
+        pipe = load_pipeline(args, model_folder, adapters, precision, dist)
 
     # -- generation: the share's batches, each image written unless it already is ----------------
     start = time.perf_counter()
@@ -135,8 +141,65 @@ def main(args: argparse.Namespace) -> Path:
             f"({dist.world} processes) -> {out}; index {index}"
         )
         lock.release()
+    if predicted is not None:  # the memory preflight against what this run took
+        measured = torch.cuda.max_memory_reserved(dist.device) / 2**30
+        print(
+            f"max_memory_reserved: predicted {predicted / 2**30:.2f} GiB, measured {measured:.2f}"
+        )
     dist.close()
     return out
+
+
+def estimate(args: argparse.Namespace, model: Path, adapters: list, jobs: list[dict]) -> Any:
+    """The memory preflight of this run (sampling/preflight.py) at its largest image."""
+    from sampling.preflight import estimate_generation
+
+    largest = max(jobs, key=lambda j: j["width"] * j["height"])
+    return estimate_generation(
+        model,
+        size=(largest["width"], largest["height"]),
+        batch=min(args.batch_size, len(jobs)),
+        loras=adapters,
+        precision=args.precision,
+        fp8_base=args.fp8_base,
+        cuda_graph=args.cuda_graph == "auto",
+        vae_tile_size=args.vae_tile_size,
+        guidance_scale=args.guidance_scale,
+    )
+
+
+def estimate_memory(args: argparse.Namespace) -> int:
+    """--estimate-memory: the run's predicted GPU memory, phase by phase; nothing else is done."""
+    from sdxl.pretrained import model_configs
+
+    model, note = model_configs(args.pretrained_model or DEFAULT_MODEL)
+    trace = estimate(args, model, loras(args), plan(args))
+    print("\n".join([note, trace.report()]).strip())
+    return 0
+
+
+def predict_on_cuda(
+    args: argparse.Namespace, model: Path, adapters: list, jobs: list[dict], device: Any
+) -> int:
+    """At the start of a run on a GPU: the predicted max_memory_reserved in one line; a run that
+    would not fit the card stops here, with flags that would."""
+    import torch
+
+    from sdxl.memory import GiB
+
+    peak = estimate(args, model, adapters, jobs).peak
+    total = torch.cuda.get_device_properties(device).total_memory
+    print(
+        f"memory preflight: predicted max_memory_reserved {peak / GiB:.2f} GiB of the card's "
+        f"{total / GiB:.1f} GiB (--estimate-memory shows each phase)"
+    )
+    if peak > total:
+        raise UserError(
+            f"this run is predicted to need {peak / GiB:.1f} GiB of GPU memory, more than the "
+            f"card's {total / GiB:.1f} GiB; try --fp8-base, a smaller --batch-size, or "
+            "--cuda-graph off"
+        )
+    return peak
 
 
 def check_lora_fits(lora: Path, model_folder: Path) -> None:
@@ -144,10 +207,12 @@ def check_lora_fits(lora: Path, model_folder: Path) -> None:
     fails here, before any weights are loaded."""
     from sampling.inference import apply_lora
     from sdxl.checkpoint import read_lora_weights
-    from sdxl.pretrained import meta_models
+    from sdxl.lora import components
+    from sdxl.pretrained import meta_parts
 
-    models = meta_models(model_folder)
-    apply_lora(models, read_lora_weights(lora, models["unet"]))
+    parts = meta_parts(model_folder)
+    models = components(parts.unet, parts.text_encoder)
+    apply_lora(models, read_lora_weights(lora, parts.unet))
 
 
 def image_settings(

@@ -176,7 +176,7 @@ def set_up(args: argparse.Namespace, specs: TrainSpecs) -> Run:
     alloc_conf = default_allocator()  # before CUDA starts
     check_optimizer(specs.optimizer)  # a bad --optimizer_args key, before the model loads
     records, data, val_data, reg_data = read_data(specs.data)
-    dist = init_distributed(args.device)
+    dist = init_distributed(args.device, args.ddp_timeout)
     if specs.data.bucket and dist.main:
         print(bucket_table(data.targets))
     per_epoch = steps_per_epoch(data, args.batch_size, dist.world, args.gradient_accumulation_steps)

@@ -106,7 +106,8 @@ def check_args(args: argparse.Namespace) -> None:
     check_device(args.device, "--device")
     for path, _ in loras(args):
         check_file(path, "LoRA file")
-    check_model(args.pretrained_model, "--pretrained-model")
+    if not args.estimate_memory:  # (the preflight reads the configs, shipped ones if need be)
+        check_model(args.pretrained_model, "--pretrained-model")
     check_folder(args.vae, "--vae")
     check_output_dir(args.output_dir, "--output-dir")
 
@@ -223,5 +224,11 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         True,
         help="torch.compile the UNet's ResNet and transformer blocks (a minute or two of "
         "compiling at the first batch, then fused kernels; pixels differ slightly)",
+    )
+    p.add_argument(
+        "--estimate-memory",
+        action="store_true",
+        help="print the run's predicted GPU memory (max_memory_reserved) phase by phase and exit: "
+        "on any machine, in seconds, without weights or a GPU",
     )
     return lenient_negatives(p)

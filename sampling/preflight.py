@@ -1,14 +1,17 @@
 """The memory preflight of a generation run (`generate_images.py --estimate-memory`): the run's own
 `build_pipeline` and two batches of `generate_unique_batch` at its largest size, on the meta device
 (sdxl/memory.py says how). The first batch warms up and captures the UNet's CUDA graph, the second
-replays it; the sampling steps are two, since memory does not grow with them.
+replays it; the sampling steps are two, since memory does not grow with them. bench/gpu_report.py
+runs the same phases on a GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,21 +47,55 @@ def estimate_generation(
         return parts
 
     trace = MemoryTrace()
-    width, height = size
-    prompts, seeds = ["a photograph"] * batch, list(range(batch))
     quiet = contextlib.redirect_stdout(io.StringIO())  # the run's own lines (graphs)
     with quiet, trace, simulated_cuda_graphs(trace):
-        pipe = build_pipeline(
+        generation_phases(
             load,
             lambda unet: [(read_lora_weights(path, unet), scale) for path, scale in loras],
             device=device,
             dtype=resolved.compute_dtype,
             fp8_base=fp8_base,
             cuda_graph=cuda_graph,
-            compile=False,
+            size=size,
+            batch=batch,
+            guidance_scale=guidance_scale,
+            phases=trace,
         )
-        trace.row("the pipeline on the device")
-        for name in ("batch 1: sampling (warm-up, capture), decoding", "batch 2 (replays)"):
-            with trace.phase(name):
-                generate_unique_batch(pipe, prompts, seeds, height, width, 2, guidance_scale)
     return trace
+
+
+def generation_phases(
+    load: Callable[[torch.device | str], SDXLParts],
+    read_loras: Callable,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    fp8_base: bool,
+    cuda_graph: bool,
+    size: tuple[int, int],
+    batch: int,
+    guidance_scale: float,
+    phases: Any,
+    batches: int = 2,
+    steps: int = 2,
+) -> None:
+    """generate_images.py's phases: `build_pipeline` (its models arriving), then `batches` batches
+    of `generate_unique_batch` (the first warms up and captures the UNet's CUDA graph, the others
+    replay it), each one of `phases`' rows (sdxl/memory.py's MemoryTrace, or bench/gpu_report.py's
+    measurements)."""
+    pipe = build_pipeline(
+        load,
+        read_loras,
+        device=device,
+        dtype=dtype,
+        fp8_base=fp8_base,
+        cuda_graph=cuda_graph,
+        compile=False,
+    )
+    phases.row("the pipeline on the device")
+    width, height = size
+    prompts, seeds = ["a photograph"] * batch, list(range(batch))
+    for k in range(batches):
+        name = "sampling (warm-up, capture), decoding" if k == 0 else "(replays)"
+        with phases.phase(f"batch {k + 1}: {name}"):
+            generate_unique_batch(pipe, prompts, seeds, height, width, steps, guidance_scale)

@@ -99,11 +99,20 @@ class Graphed(Generic[Outputs]):
         result = _copy(result)
         warm = time.perf_counter() - start
         graph = torch.cuda.CUDAGraph()
-        # torch.cuda.graph synchronizes and empties the allocator's cache first. "thread_local":
-        # only this thread must not make unsafe CUDA calls while capturing; other threads (data,
-        # image writers, loggers) may go on.
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            outputs = self.fn(*buffers)
+        # torch.cuda.graph synchronizes and empties the allocator's cache first. One warm-up call:
+        # it makes what is made lazily (AdamW's state, cuBLAS and cuDNN's choices, the compiling);
+        # more would be more real steps. A capture that fails (torch before 2.10 cannot capture
+        # the checkpointing's RNG state; a kernel may not be capturable) leaves nothing changed,
+        # since capturing runs no kernel: this function then runs eagerly from here on.
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                outputs = self.fn(*buffers)
+        except RuntimeError as e:
+            self.capture = False
+            reason = str(e).strip().splitlines()[0][:200]
+            print(f"{self.label or 'CUDA graph'}: capture failed ({reason}); running eagerly")
+            self.entries[key] = _Entry(buffers, None, None)
+            return result
         self.entries[key] = _Entry(buffers, graph, outputs)
         self._report(inputs, warm, time.perf_counter() - start - warm)
         return result

@@ -17,6 +17,7 @@ tensor on the process's own device, since NCCL, the backend on GPUs, has no CPU 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -72,7 +73,9 @@ class Precision:
     def autocast(self) -> contextlib.AbstractContextManager:
         if not self.use_autocast:
             return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=DTYPES[self.name])
+        # No cache of cast weights: inside a CUDA graph it would outlive the capture
+        # (make_graphed_callables refuses it); each weight is cast once a forward anyway.
+        return torch.autocast(self.device_type, dtype=DTYPES[self.name], cache_enabled=False)
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")
@@ -137,9 +140,15 @@ class Distributed:
             dist.barrier()
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """The model the forward runs: DDP averages the gradients of the processes."""
+        """The model the forward runs: DDP averages the gradients of the processes. Its frozen
+        weights and its buffers are left out of DDP's synchronisation: every process loaded the
+        same ones and nothing changes them, and DDP's first broadcast cannot take fp8 weights
+        (--fp8_base: "cat_cuda" is not implemented for Float8_e4m3fn)."""
         if self.world == 1:
             return model
+        frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+        buffers = [name for name, _ in model.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen + buffers)
         return DistributedDataParallel(
             model, device_ids=[self.device] if self.device.type == "cuda" else None
         )
@@ -165,14 +174,17 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def init_distributed(device: str) -> Distributed:
+def init_distributed(device: str, timeout_minutes: float = 240) -> Distributed:
     """One process, or under torchrun (WORLD_SIZE > 1) a member of the process group: NCCL with one
-    GPU per process, gloo on the CPU."""
+    GPU per process, gloo on the CPU. The others wait for the first process while it alone builds
+    the caches or renders validation images, for up to `timeout_minutes` (NCCL's default, 10
+    minutes, would end a run whose cache takes longer)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Distributed(0, 1, resolve_device(device))
     cuda = resolve_device(device).type == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     local = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(local)

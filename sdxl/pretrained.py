@@ -115,6 +115,17 @@ def meta_models(model: Path) -> dict[str, torch.nn.Module]:
     }
 
 
+def model_configs(name: str) -> tuple[Path, str]:
+    """Where the preflight reads the model's configs, and a note when it is not the model named:
+    its folder (or for a single file, the shipped configs), else the shipped SDXL base configs."""
+    path = Path(name)
+    if name == "tiny":
+        return tiny_sdxl(), ""
+    if path.exists():
+        return path, ""
+    return SDXL_CONFIGS, f"(model {name} is not here: the shipped SDXL base configs are used)"
+
+
 def meta_parts(
     model: Path,
     unet_dtype: torch.dtype = torch.float32,

@@ -18,15 +18,15 @@ import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from sdxl.device import Distributed, resolve_precision
+from sdxl.device import Distributed, Precision, resolve_precision
 from sdxl.errors import UserError
 from sdxl.files import cache_root
 from sdxl.memory import GiB, MemoryTrace, simulated_cuda_graphs
-from sdxl.pretrained import SDXL_CONFIGS, SDXLParts, meta_parts, tiny_sdxl
+from sdxl.pretrained import SDXLParts, meta_parts, model_configs
 from training.cache import ImageEncoder, TextEncoder, moments_as_given
 from training.data_loader import Batch, assign_buckets
 from training.scan import scan
@@ -50,6 +50,15 @@ class Validation:
     prompts: int = 0
 
 
+class Phases(Protocol):
+    """What watches the run's phases: sdxl/memory.py's MemoryTrace (the preflight), or what
+    measures them on a GPU (bench/gpu_report.py)."""
+
+    def phase(self, name: str) -> contextlib.AbstractContextManager: ...
+
+    def row(self, name: str | None) -> None: ...
+
+
 def estimate_training(
     specs: TrainSpecs,
     model: Path,
@@ -58,7 +67,6 @@ def estimate_training(
 ) -> MemoryTrace:
     """The run's phases traced (MemoryTrace.report() prints them). `size`: the largest (width,
     height) a batch has (a bucket's; default the spec's size)."""
-    width, height = size or specs.data.size
     precision = resolve_precision(specs.step.precision, torch.device("cuda"), specs.adapter is None)
     parts = meta_parts(
         model,
@@ -70,34 +78,52 @@ def estimate_training(
     )
     dist = Distributed(0, 1, torch.device("meta"))
     trace = MemoryTrace()
-    chunks = specs.data.max_token_length // 75
-    caption = " ".join(["word"] * TOKENS * chunks)  # (a word is a token or more)
-    batch = synthetic_batch(specs.data, width, height, caption)
     quiet = contextlib.redirect_stdout(io.StringIO())  # the run's own lines (adapters, graphs)
     with quiet, trace, simulated_cuda_graphs(trace):
-        make_encoders = functools.partial(traced_caches, trace, (width, height), caption)
-        prompts = [caption] * validation.prompts
-        _, tr, encoded = place_and_build(
-            specs, parts, precision, dist, [None] * 3, 1, prompts, make_encoders
-        )
-        steps = specs.data.gradient_accumulation_steps
-        reg = [batch] * steps if specs.data.reg_data_dir else []
-        with trace.phase("step 1: the micro-steps and the update (warm-up, capture)"):
-            train_step(tr, [batch] * steps, reg)
-        with trace.phase("step 2 (replays)"):
-            train_step(tr, [batch] * steps, reg)
-        if validation.loss:
-            with trace.phase("validation loss"):
-                validate(tr, [batch])
-        if encoded is not None:
-            images = validation_images(tr, parts, encoded, seed=0, size=(width, height), steps=2)
-            del images
-            trace.row("validation images: sampling and decoding")
+        run_phases(specs, parts, precision, dist, size or specs.data.size, validation, trace)
     return trace
 
 
-def traced_caches(
-    trace: MemoryTrace,
+def run_phases(
+    specs: TrainSpecs,
+    parts: SDXLParts,
+    precision: Precision,
+    dist: Distributed,
+    size: tuple[int, int],
+    validation: Validation,
+    phases: Phases,
+    steps: int = 2,
+) -> None:
+    """The run's set-up and steps as train_sdxl.py takes them, from `parts` on the host, with
+    batches of `size` (width, height): `place_and_build`, then `steps` optimizer steps (the first
+    warms up and captures the CUDA graphs, the others replay them), then the validation loss and
+    images if the run has them. Each phase is one of `phases`' rows."""
+    width, height = size
+    chunks = specs.data.max_token_length // 75
+    caption = " ".join(["word"] * TOKENS * chunks)  # (a word is a token or more)
+    batch = synthetic_batch(specs.data, width, height, caption)
+    make_encoders = functools.partial(synthetic_caches, phases, size, caption)
+    prompts = [caption] * validation.prompts
+    _, tr, encoded = place_and_build(
+        specs, parts, precision, dist, [None] * 3, steps, prompts, make_encoders
+    )
+    accumulation = specs.data.gradient_accumulation_steps
+    reg = [batch] * accumulation if specs.data.reg_data_dir else []
+    with phases.phase("step 1: the micro-steps and the update (warm-up, capture)"):
+        train_step(tr, [batch] * accumulation, reg)
+    with phases.phase(f"steps 2-{steps} (replays)" if steps > 2 else "step 2 (replays)"):
+        for _ in range(steps - 1):
+            train_step(tr, [batch] * accumulation, reg)
+    if validation.loss:
+        with phases.phase("validation loss"):
+            validate(tr, [batch])
+    if encoded is not None:
+        with phases.phase("validation images: sampling and decoding"):
+            validation_images(tr, parts, encoded, seed=0, size=size, steps=2)
+
+
+def synthetic_caches(
+    phases: Phases,
     size: tuple[int, int],
     caption: str,
     parts: SDXLParts,
@@ -105,19 +131,20 @@ def traced_caches(
     spec: DataSpec,
     dist: Distributed,
 ) -> tuple[list, ImageEncoder, TextEncoder]:
-    """training/cache.py's `encoders` as the preflight runs it: for each cache the run builds, one
-    image through the VAE or one caption through the text encoders (the largest); and the
-    encoders the steps then use: the VAE and text encoders, or what the caches give back."""
+    """training/cache.py's `encoders` without data: for each cache the run builds, one image
+    through the VAE or one caption through the text encoders (the largest), for their memory and
+    time; and the encoders the steps then use: the VAE and text encoders, or what the caches give
+    back (zeros of their shapes)."""
     width, height = size
     chunks = spec.max_token_length // 75
     encode_images: ImageEncoder = parts.vae.moments
     encode_text: TextEncoder = functools.partial(parts.text_encoder.encode, chunks=chunks)
     if spec.cache_latents:
-        with trace.phase("latent cache: an image through the VAE"):
+        with phases.phase("latent cache: an image through the VAE"):
             parts.vae.moments(torch.zeros(1, 3, height, width, device=dist.device))
         encode_images = moments_as_given
     if spec.cache_text_embeddings:
-        with trace.phase("text cache: a caption through the text encoders"):
+        with phases.phase("text cache: a caption through the text encoders"):
             parts.text_encoder.encode([caption], chunks)
         text = parts.text_encoder
         width_ctx = text.text_encoder.config.hidden_size + text.text_encoder_2.config.hidden_size
@@ -156,17 +183,6 @@ def largest_size(spec: DataSpec) -> tuple[int, int]:
         return spec.size
     records = scan(spec.data_dir, (spec.cache_dir or cache_root() / "cache") / "scan")
     return max(set(assign_buckets(records, spec.size)), key=lambda s: s[0] * s[1])
-
-
-def model_configs(name: str) -> tuple[Path, str]:
-    """Where the preflight reads the model's configs, and a note when it is not the model named:
-    its folder (or for a single file, the shipped configs), else the shipped SDXL base configs."""
-    path = Path(name)
-    if name == "tiny":
-        return tiny_sdxl(), ""
-    if path.exists():
-        return path, ""
-    return SDXL_CONFIGS, f"(model {name} is not here: the shipped SDXL base configs are used)"
 
 
 # The flag changes tried, in order, when a run does not fit the card: (flags, specs changed).
