@@ -208,9 +208,9 @@ def check_lora_fits(lora: Path, model_folder: Path) -> None:
     from sampling.inference import apply_lora
     from sdxl.checkpoint import read_lora_weights
     from sdxl.lora import components
-    from sdxl.pretrained import meta_parts
+    from sdxl.pretrained import config_parts
 
-    parts = meta_parts(model_folder)
+    parts = config_parts(model_folder)
     models = components(parts.unet, parts.text_encoder)
     apply_lora(models, read_lora_weights(lora, parts.unet))
 

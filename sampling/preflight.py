@@ -19,7 +19,7 @@ from sampling.inference import build_pipeline, generate_unique_batch
 from sdxl.checkpoint import read_lora_weights
 from sdxl.device import resolve_precision
 from sdxl.memory import MemoryTrace, simulated_cuda_graphs
-from sdxl.pretrained import SDXLParts, meta_parts
+from sdxl.pretrained import SDXLParts, config_parts
 
 
 def estimate_generation(
@@ -39,7 +39,9 @@ def estimate_generation(
     device = torch.device("meta")
 
     # Built before the trace starts: building is not loading (only where the parts go counts).
-    parts = meta_parts(model, resolved.unet_dtype, resolved.text_dtype, vae_tile_size=vae_tile_size)
+    parts = config_parts(
+        model, resolved.unet_dtype, resolved.text_dtype, vae_tile_size=vae_tile_size
+    )
 
     def load(where: torch.device | str) -> SDXLParts:
         for part in (parts.unet, parts.text_encoder, parts.vae):

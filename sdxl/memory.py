@@ -34,7 +34,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 MiB, GiB = 2**20, 2**30
 BLOCK = 512  # the caching allocator rounds every block up to a multiple of 512 bytes
@@ -50,6 +50,38 @@ LABELS = {
     "SDXLTextEncoder": ("the text encoders", True),
     "SDXLVAE": ("the VAE", False),
 }
+
+
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format)
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in an op's arguments or outputs (nested lists, tuples and dicts)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def _signature(value: Any) -> Any:
+    """A hashable description of an op's arguments, or None if one is of a kind not described:
+    tensors by shape, strides and dtype (what a meta kernel's outputs depend on)."""
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.stride(), value.dtype, value.device.type)
+    if isinstance(value, _PLAIN) or callable(value) and hasattr(value, "_schema"):
+        return value
+    if isinstance(value, list | tuple):
+        parts = [_signature(v) for v in value]
+        return (
+            None if any(p is None and v is not None for p, v in zip(parts, value)) else tuple(parts)
+        )
+    if isinstance(value, dict):
+        return _signature(tuple(sorted(value.items(), key=lambda kv: kv[0])))
+    return None
 
 
 def _rounded(n: int) -> int:
@@ -90,6 +122,7 @@ class MemoryTrace(TorchDispatchMode):
     _pool: Any = None  # the pool new allocations go to (None: the default pool)
     _host_depth: int = 0  # > 0: inside the forward of a module on the host
     _host_hooks: dict[int, list] = field(default_factory=dict)
+    _made: dict[Any, tuple] = field(default_factory=dict)  # what ops made, by signature (_run)
     _phase_peak: int = 0
 
     def __post_init__(self) -> None:
@@ -194,16 +227,37 @@ class MemoryTrace(TorchDispatchMode):
             # A copy to the host (`.cpu()`): a meta tensor that is not on the device.
             dtype = kwargs.get("dtype") or op_args[0].dtype
             return torch.empty(op_args[0].shape, dtype=dtype, device=self.device)
-        out = func(*op_args, **kwargs)
-        inputs = [t for t in tree_flatten((op_args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        meta_inputs = [t for t in inputs if t.device == self.device]
-        # On the device: an input there, or no meta input at all (a factory, or a host copy); not
-        # what a module on the host computes.
-        on_device = not meta_inputs or any(self.on_device(t) for t in meta_inputs)
-        if on_device and not self._host_depth:
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor) and t.device == self.device:
+        out = self._run(func, op_args, kwargs)
+        if self._host_depth:
+            return out  # what a module on the host computes
+        meta_inputs = [t for t in _tensors((op_args, kwargs)) if t.device == self.device]
+        # On the device: an input there, or no meta input at all (a factory, or a host copy).
+        if not meta_inputs or any(self.on_device(t) for t in meta_inputs):
+            for t in _tensors(out):
+                if t.device == self.device:
                     self.allocate(t)
+        return out
+
+    def _run(self, func: Any, op_args: tuple, kwargs: dict) -> Any:
+        """func(*op_args, **kwargs). On the meta device an op's outputs depend only on its
+        inputs' shapes, strides and dtypes and its other arguments, and most of the time goes to
+        working them out in Python: an op that makes new tensors (no output aliases an input) is
+        worked out once per such signature, and made again as empty tensors (the UNet repeats its
+        blocks, and a CUDA graph's capture repeats its warm-up)."""
+        if self.device.type != "meta" or any(r.alias_info for r in func._schema.returns):
+            return func(*op_args, **kwargs)
+        key = _signature((func, op_args, kwargs))
+        made = self._made.get(key) if key is not None else None
+        if made is not None:
+            tensors = [
+                torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+                for shape, stride, dtype in made[0]
+            ]
+            return tree_unflatten(tensors, made[1])
+        out = func(*op_args, **kwargs)
+        leaves, spec = tree_flatten(out)
+        if key is not None and leaves and all(isinstance(t, torch.Tensor) for t in leaves):
+            self._made[key] = ([(t.shape, t.stride(), t.dtype) for t in leaves], spec)
         return out
 
     # -- modules moving ------------------------------------------------------------------------------
@@ -275,7 +329,7 @@ class MemoryTrace(TorchDispatchMode):
         # AdamW as on CUDA: capturable (its step counts on the device) and foreach (its
         # temporaries a list at a time), which it allows only for GPU devices.
         adam: Any = importlib.import_module("torch.optim.adam")
-        devices = [*adam._get_capturable_supported_devices(), "meta"]
+        devices = [*adam._get_capturable_supported_devices(), self.device.type]
         # Seeded noise on the device: torch has no meta generator; the numbers do not matter here.
         generator, randn = torch.Generator, torch.randn
 

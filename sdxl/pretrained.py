@@ -107,7 +107,7 @@ def schedule_of(
 def meta_models(model: Path) -> dict[str, torch.nn.Module]:
     """The UNet and both text encoders of a model, built on the meta device from its configs (no
     weights): for checking that a LoRA fits before anything is loaded."""
-    parts = meta_parts(model)
+    parts = config_parts(model)
     return {
         "unet": parts.unet,
         "text_encoder": parts.text_encoder.text_encoder,
@@ -126,17 +126,19 @@ def model_configs(name: str) -> tuple[Path, str]:
     return SDXL_CONFIGS, f"(model {name} is not here: the shipped SDXL base configs are used)"
 
 
-def meta_parts(
+def config_parts(
     model: Path,
     unet_dtype: torch.dtype = torch.float32,
     text_dtype: torch.dtype = torch.float32,
     prediction_type: str | None = None,
     zero_terminal_snr: bool | None = None,
     vae_tile_size: int = 0,
+    device: torch.device | str = "meta",
 ) -> SDXLParts:
-    """Every part of a model (a folder, a single file, or only its configs) built on the meta
-    device, in the dtypes a run stores them in: what the memory preflights trace (sdxl/memory.py).
-    The tokenizers are real (from the configs): prompts are tokenized on the host."""
+    """Every part of a model (a folder, a single file, or only its configs) built from its configs
+    on `device`, in the dtypes a run stores them in, without its weights: on the meta device, what
+    the memory preflights trace (sdxl/memory.py); elsewhere, randomly initialised, what
+    bench/gpu_report.py times. The tokenizers are real: prompts are tokenized on the host."""
     from diffusers import AutoencoderKL
     from transformers import (
         CLIPTextConfig,
@@ -148,7 +150,7 @@ def meta_parts(
     configs = config_folder(model)
     unet_config = json.loads((configs / "unet" / "config.json").read_text())
     vae_config = json.loads((configs / "vae" / "config.json").read_text())
-    with torch.device("meta"):
+    with torch.device(device):
         unet = UNet2DConditionModel(config_from_diffusers(unet_config)).to(unet_dtype)
         text_1 = CLIPTextModel(CLIPTextConfig.from_pretrained(configs / "text_encoder"))
         text_2 = CLIPTextModelWithProjection(

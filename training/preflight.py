@@ -26,7 +26,7 @@ from sdxl.device import Distributed, Precision, resolve_precision
 from sdxl.errors import UserError
 from sdxl.files import cache_root
 from sdxl.memory import GiB, MemoryTrace, simulated_cuda_graphs
-from sdxl.pretrained import SDXLParts, meta_parts, model_configs
+from sdxl.pretrained import SDXLParts, config_parts, model_configs
 from training.cache import ImageEncoder, TextEncoder, moments_as_given
 from training.data_loader import Batch, assign_buckets
 from training.scan import scan
@@ -68,7 +68,7 @@ def estimate_training(
     """The run's phases traced (MemoryTrace.report() prints them). `size`: the largest (width,
     height) a batch has (a bucket's; default the spec's size)."""
     precision = resolve_precision(specs.step.precision, torch.device("cuda"), specs.adapter is None)
-    parts = meta_parts(
+    parts = config_parts(
         model,
         precision.unet_dtype,
         text_encoder_dtype(specs.adapter, precision),
