@@ -120,7 +120,7 @@ def test_fp8_target_and_an_fp8_conversion_on_the_device_raises_the_prediction(mo
 
     monkeypatch.setattr(training.train_loop, "store_in_fp8", converted_on_the_device)
     wrong = estimate_training(sdxl_specs(cached=True, fp8=True), FULL).peak
-    assert wrong > fixed + 2 * GiB, (fixed / GiB, wrong / GiB)  # the bf16 UNet was there too
+    assert wrong > fixed + 2 * GiB, (fixed / GiB, wrong / GiB)  # 5.53 against 3.15: the bf16 UNet
 
 
 @pytest.mark.parametrize("checkpointing, measured_mib", [(True, 568), (False, 4988)])
