@@ -244,7 +244,8 @@ class MemoryTrace(TorchDispatchMode):
         working them out in Python: an op that makes new tensors (no output aliases an input) is
         worked out once per such signature, and made again as empty tensors (the UNet repeats its
         blocks, and a CUDA graph's capture repeats its warm-up)."""
-        if self.device.type != "meta" or any(r.alias_info for r in func._schema.returns):
+        meta_only = all(t.is_meta for t in _tensors((op_args, kwargs)))
+        if not meta_only or any(r.alias_info for r in func._schema.returns):
             return func(*op_args, **kwargs)
         key = _signature((func, op_args, kwargs))
         made = self._made.get(key) if key is not None else None
@@ -256,7 +257,11 @@ class MemoryTrace(TorchDispatchMode):
             return tree_unflatten(tensors, made[1])
         out = func(*op_args, **kwargs)
         leaves, spec = tree_flatten(out)
-        if key is not None and leaves and all(isinstance(t, torch.Tensor) for t in leaves):
+        if (
+            key is not None
+            and leaves
+            and all(isinstance(t, torch.Tensor) and t.is_meta for t in leaves)
+        ):
             self._made[key] = ([(t.shape, t.stride(), t.dtype) for t in leaves], spec)
         return out
 

@@ -3,6 +3,7 @@ the real tensors', the meta device predicts a real step's memory, an ordering fa
 calibration against an H200 holds, and every target of the GPU memory table is met on the
 full-size configs (the figures README.md lists as predicted)."""
 
+import contextlib
 import dataclasses
 import json
 import subprocess
@@ -198,3 +199,96 @@ def test_the_gpu_report_runs_on_the_cpu(tmp_path):
     assert len(report["generate"]) == 3 and all("s_per_image" in r for r in report["generate"])
     assert all("skipped" in r["result"] for r in report["checks"])
     assert "| 64 px, batch 4, eager |" in (tmp_path / "report.md").read_text()
+
+
+# -- the run's check at the start, and the risks the GPU review found, settled ----------------------
+
+
+def test_a_run_that_would_not_fit_stops_naming_flags_that_would(tiny_model):
+    from sdxl.errors import UserError
+    from training.preflight import check_fits
+
+    specs = dataclasses.replace(tiny_specs(), step=StepSpec(precision="bf16"))
+    uncached = estimate_training(specs, tiny_model).peak
+    cached = estimate_training(
+        dataclasses.replace(specs, data=dataclasses.replace(specs.data, cache_latents=True, cache_text_embeddings=True)),  # fmt: skip
+        tiny_model,
+    ).peak
+    assert cached < uncached
+    check_fits(specs, tiny_model, Validation(), uncached, uncached)  # fits: nothing said
+    with pytest.raises(UserError, match="flags that would fit: --cache_latents --cache_text_emb"):
+        check_fits(specs, tiny_model, Validation(), cached, uncached)
+    with pytest.raises(UserError, match="none of the usual flag changes does"):
+        check_fits(specs, tiny_model, Validation(), 1, uncached)
+
+
+def test_a_capture_that_fails_runs_eagerly_with_one_line(capsys, monkeypatch):
+    """torch before 2.10 cannot capture the checkpointing's RNG state: the function then runs
+    eagerly, its results unchanged, and one line says so."""
+    from sdxl.capture import Graphed
+
+    trace = MemoryTrace()
+    with trace, simulated_cuda_graphs(trace):
+
+        @contextlib.contextmanager
+        def failing(*args, **kwargs):
+            raise RuntimeError("Cannot call CUDAGeneratorImpl::current_seed during capture")
+            yield
+
+        monkeypatch.setattr(torch.cuda, "graph", failing)
+        graphed = Graphed(lambda x: x * 2, capture=True, label="step")
+        x = torch.ones(3)
+        assert torch.equal(graphed(x), x * 2) and torch.equal(graphed(x + 1), (x + 1) * 2)
+    printed = capsys.readouterr().out
+    assert "step: capture failed (Cannot call CUDAGeneratorImpl" in printed
+    assert "running eagerly" in printed and not graphed.capture
+
+
+def test_autocast_keeps_no_weight_cache():
+    """A cache of cast weights would outlive a CUDA graph's capture."""
+    precision = resolve_precision("bf16", torch.device("cpu"), full_finetune=True)
+    with precision.autocast():
+        assert torch.is_autocast_enabled("cpu") and not torch.is_autocast_cache_enabled()
+
+
+def test_ddp_leaves_frozen_fp8_weights_and_buffers_out_of_its_sync(tiny_model, monkeypatch):
+    """Under torchrun a LoRA UNet stored in fp8 is wrapped with its frozen weights and buffers
+    ignored by DDP (which cannot broadcast fp8 weights): gloo, one process."""
+    import torch.distributed as dist
+
+    from sdxl.frozen import store_in_fp8
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29533")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        unet = load_unet(tiny_model / "unet")
+        apply_lora_to_unet(unet, 4, 8)
+        store_in_fp8(unet)
+        model = Distributed(0, 2, torch.device("cpu")).wrap(unet)  # (2: to wrap at all)
+        ignored = set(model.parameters_to_ignore)
+        frozen = {n for n, p in unet.named_parameters() if not p.requires_grad}
+        assert frozen and frozen | {n for n, _ in unet.named_buffers()} == ignored
+        x, t, ctx, cond = (torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 96), {})
+        cond = {"text_embeds": torch.randn(1, 64), "time_ids": torch.ones(1, 6)}
+        model(x, t, ctx, cond).square().mean().backward()
+        assert all(p.grad is not None for p in unet.parameters() if p.requires_grad)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_torchrun_waits_for_single_process_phases(monkeypatch):
+    """The process group's timeout is --ddp_timeout, not NCCL's 10 minutes."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from sdxl.device import init_distributed
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: seen.update(t=timeout))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    assert init_distributed("cpu", 300).world == 2
+    assert seen["t"] == datetime.timedelta(minutes=300)
