@@ -27,6 +27,7 @@ auto, the default); --compile compiles the UNet's blocks too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -47,11 +48,10 @@ def main(args: argparse.Namespace) -> Path | int:
     from tqdm import tqdm
 
     from sampling.inference import generate_unique_batch
-    from sampling.outputs import FolderWriter, ShardWriter, claim_image_folder, write_index
-    from sampling.prompts import plan_batches
+    from sampling.outputs import write_index
     from sdxl.checkpoint import recorded_base_model
     from sdxl.device import default_allocator, init_distributed, resolve_precision
-    from sdxl.files import FolderLock, make_folder, remove_stale_tmp, write_json
+    from sdxl.files import make_folder
     from sdxl.lora_formats import model_name
     from sdxl.pretrained import resolve_model, schedule_of
 
@@ -74,20 +74,102 @@ def main(args: argparse.Namespace) -> Path | int:
     rescale = args.guidance_rescale if args.guidance_rescale is not None else 0.7 * v_prediction
     settings = image_settings(args, model_folder, adapters, precision.name, schedule, rescale)
     out = make_folder(args.output_dir, "--output-dir")
+    lock = claim(out, settings, args, dist)  # the first process's, released however the run ends
+    with lock or contextlib.nullcontext():
+        writer, todo = this_share(args, jobs, out, dist)
+        if todo:
+            pipe = load_pipeline(args, model_folder, adapters, precision, dist)
+
+        # -- generation: the share's batches, each image written unless it already is ----------------
+        start = time.perf_counter()
+        total = sum(len(batch) for batch in todo)
+        bar = tqdm(total=total, desc="generate", dynamic_ncols=True, disable=not dist.main)
+        made_with = {"steps": args.steps, "guidance_scale": args.guidance_scale}
+        made_with |= {"guidance_rescale": rescale, "sampler": args.sampler}
+        made_with |= {"base_model": model_name(base), "loras": [[p.name, s] for p, s in adapters]}
+        for batch in todo:
+            images = generate_unique_batch(
+                pipe,
+                [j["prompt"] for j in batch],
+                [j["seed"] for j in batch],
+                batch[0]["height"],
+                batch[0]["width"],
+                args.steps,
+                args.guidance_scale,
+                batch[0]["negative_prompt"],
+                args.sampler,
+                rescale,
+            )
+            if not torch.isfinite(
+                images
+            ).all():  # (one sync a batch; writing the images syncs anyway)
+                raise UserError(
+                    f"images {batch[0]['index']}-{batch[-1]['index']} came out as NaN or Inf; the "
+                    "model or a LoRA overflows here (try --precision fp32, or the fp16-fix --vae)"
+                )
+            for job, image in zip(batch, images):
+                if writer.done(job["index"]):  # made by a run that stopped in this batch
+                    continue
+                meta = {
+                    **{k: v for k, v in job.items() if k != "extra"},
+                    **job["extra"],
+                    **made_with,
+                }
+                writer.submit(job["index"], image, job["prompt"], meta)
+            bar.update(len(batch))
+        writer.close()
+        bar.close()
+        elapsed = time.perf_counter() - start
+        dist.barrier()  # every process's images are written: the first indexes them all
+        if lock is not None:
+            shards = args.shard_size if args.output_format == "webdataset" else None
+            index = write_index(out, len(jobs), args.image_format, shards)
+            print(
+                f"{total} images in {elapsed:.1f} s: {total / max(elapsed, 1e-9):.2f} images/s "
+                f"({dist.world} processes) -> {out}; index {index}"
+            )
+    if predicted is not None:  # the memory preflight against what this run took
+        measured = torch.cuda.max_memory_reserved(dist.device) / 2**30
+        print(
+            f"max_memory_reserved: predicted {predicted / 2**30:.2f} GiB, measured {measured:.2f}"
+        )
+    dist.close()
+    return out
+
+
+def claim(out: Path, settings: dict, args: argparse.Namespace, dist: Any) -> Any:
+    """The folder, claimed by the first process (its lock, None for the others), before the others
+    start: a folder holds the images of one set of settings (sampling/outputs.py)."""
+    from sampling.outputs import claim_image_folder
+    from sdxl.files import FolderLock, remove_stale_tmp, write_json
+
     lock = None
-    with dist.first_process_first():  # the first process claims the folder, then the others start
+    with dist.first_process_first():
         if dist.main:
             lock = FolderLock(out, "--output-dir").acquire()
-            remove_stale_tmp(out)
-            claim_image_folder(out, settings, args.overwrite)
-            write_json({**vars(args), "image_settings": settings}, out / "generation_config.json")
+            try:
+                remove_stale_tmp(out)
+                claim_image_folder(out, settings, args.overwrite)
+                config = {**vars(args), "image_settings": settings}
+                write_json(config, out / "generation_config.json")
+            except BaseException:
+                lock.release()
+                raise
+    return lock
+
+
+def this_share(args: argparse.Namespace, jobs: list[dict], out: Path, dist: Any) -> tuple:
+    """The writer of the folder's files or shards, and this process's batches: every world-th
+    batch (for shards, every world-th shard), unless its images are written already."""
+    from sampling.outputs import FolderWriter, ShardWriter
+    from sampling.prompts import plan_batches
+
     shards = args.output_format == "webdataset"
     writer = (
         ShardWriter(out, args.shard_size, len(jobs), args.image_format, args.quality, args.writers)
         if shards
         else FolderWriter(out, args.image_format, args.quality, args.writers)
     )
-    # This process's share: every world-th batch (for shards, every world-th shard), unless written.
     batches = plan_batches(jobs, args.batch_size, args.shard_size if shards else None)
     share = (lambda k, b: b[0]["index"] // args.shard_size) if shards else (lambda k, b: k)
     todo = [
@@ -96,58 +178,7 @@ def main(args: argparse.Namespace) -> Path | int:
         if share(k, batch) % dist.world == dist.rank
         and not all(writer.done(j["index"]) for j in batch)
     ]
-    if todo:
-        pipe = load_pipeline(args, model_folder, adapters, precision, dist)
-
-    # -- generation: the share's batches, each image written unless it already is ----------------
-    start = time.perf_counter()
-    total = sum(len(batch) for batch in todo)
-    bar = tqdm(total=total, desc="generate", dynamic_ncols=True, disable=not dist.main)
-    made_with = {"steps": args.steps, "guidance_scale": args.guidance_scale}
-    made_with |= {"guidance_rescale": rescale, "sampler": args.sampler}
-    made_with |= {"base_model": model_name(base), "loras": [[p.name, s] for p, s in adapters]}
-    for batch in todo:
-        images = generate_unique_batch(
-            pipe,
-            [j["prompt"] for j in batch],
-            [j["seed"] for j in batch],
-            batch[0]["height"],
-            batch[0]["width"],
-            args.steps,
-            args.guidance_scale,
-            batch[0]["negative_prompt"],
-            args.sampler,
-            rescale,
-        )
-        if not torch.isfinite(images).all():  # (one sync a batch; writing the images syncs anyway)
-            raise UserError(
-                f"images {batch[0]['index']}-{batch[-1]['index']} came out as NaN or Inf; the "
-                "model or a LoRA overflows here (try --precision fp32, or the fp16-fix --vae)"
-            )
-        for job, image in zip(batch, images):
-            if writer.done(job["index"]):  # made by a run that stopped in this batch
-                continue
-            meta = {**{k: v for k, v in job.items() if k != "extra"}, **job["extra"], **made_with}
-            writer.submit(job["index"], image, job["prompt"], meta)
-        bar.update(len(batch))
-    writer.close()
-    bar.close()
-    elapsed = time.perf_counter() - start
-    dist.barrier()  # every process's images are written: the first indexes them all
-    if lock is not None:
-        index = write_index(out, len(jobs), args.image_format, args.shard_size if shards else None)
-        print(
-            f"{total} images in {elapsed:.1f} s: {total / max(elapsed, 1e-9):.2f} images/s "
-            f"({dist.world} processes) -> {out}; index {index}"
-        )
-        lock.release()
-    if predicted is not None:  # the memory preflight against what this run took
-        measured = torch.cuda.max_memory_reserved(dist.device) / 2**30
-        print(
-            f"max_memory_reserved: predicted {predicted / 2**30:.2f} GiB, measured {measured:.2f}"
-        )
-    dist.close()
-    return out
+    return writer, todo
 
 
 def estimate(args: argparse.Namespace, model: Path, adapters: list, jobs: list[dict]) -> Any:

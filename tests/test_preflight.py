@@ -206,7 +206,7 @@ def test_the_gpu_report_runs_on_the_cpu(tmp_path):
 
 def test_a_run_that_would_not_fit_stops_naming_flags_that_would(tiny_model):
     from sdxl.errors import UserError
-    from training.preflight import check_fits
+    from training.preflight import ALTERNATIVES, check_fits
 
     specs = dataclasses.replace(tiny_specs(), step=StepSpec(precision="bf16"))
     uncached = estimate_training(specs, tiny_model).peak
@@ -219,7 +219,7 @@ def test_a_run_that_would_not_fit_stops_naming_flags_that_would(tiny_model):
     with pytest.raises(UserError, match="flags that would fit: --cache_latents --cache_text_emb"):
         check_fits(specs, tiny_model, Validation(), cached, uncached)
     with pytest.raises(UserError, match="none of the usual flag changes does"):
-        check_fits(specs, tiny_model, Validation(), 1, uncached)
+        check_fits(specs, tiny_model, Validation(), 1, uncached, ALTERNATIVES[:1])
 
 
 def test_a_capture_that_fails_runs_eagerly_with_one_line(capsys, monkeypatch):

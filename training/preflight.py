@@ -210,14 +210,19 @@ def _step(s: TrainSpecs, **changes: Any) -> TrainSpecs | None:
 
 
 def check_fits(
-    specs: TrainSpecs, model: Path, validation: Validation, total: int, predicted: int
+    specs: TrainSpecs,
+    model: Path,
+    validation: Validation,
+    total: int,
+    predicted: int,
+    alternatives: list = ALTERNATIVES,
 ) -> None:
     """A run predicted not to fit the card stops here, with one line naming flag changes that
-    would fit (each estimated in turn; the first two that fit)."""
+    would fit (each of `alternatives` estimated in turn; the first two that fit)."""
     if predicted <= total:
         return
     fits = []
-    for flags, change in ALTERNATIVES:
+    for flags, change in alternatives:
         other = change(specs)
         if other is None:
             continue
