@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cli.options import run_cli
-from cli.train import check_args, parse_args, resolved_config, training_specs
+from cli.train import check_args, parse_args, resolved_config, trackers, training_specs
 from sdxl.errors import StoppedBySignal
 from training.specs import TrainSpecs
 
@@ -64,7 +64,8 @@ def main(args: argparse.Namespace) -> Path | int:
 
     # -- the loop: one optimizer step an iteration; only the first process writes ----------------
     last, stopped = None, 0
-    metrics = MetricsLog(run.metrics_file, args.wandb_project, run.config, resumed_at=state.step)
+    wandb_project, tensorboard_dir = trackers(args)
+    metrics = MetricsLog(run.metrics_file, wandb_project, run.config, state.step, tensorboard_dir)
     bar = tqdm(total=run.max_steps, initial=state.step, desc="train", disable=not dist.main)
     timer = Timer(args.batch_size * dist.world * args.gradient_accumulation_steps)
     with run.lock, metrics, bar, StopSignals() as stop:

@@ -12,6 +12,7 @@ from cli.choices import (
     BLOCKS,
     COMPILE_BACKENDS,
     CUDA_GRAPH_MODES,
+    LOGGERS,
     LORA_FORMATS,
     LOSS_TYPES,
     LR_SCHEDULERS,
@@ -19,6 +20,7 @@ from cli.choices import (
     PRECISIONS,
     PREDICTION_TYPES,
     TARGET_MODES,
+    TIMESTEP_SAMPLINGS,
     VAE_TILE_SIZE,
 )
 from cli.options import (
@@ -65,6 +67,7 @@ PATH_FLAGS = (
     "validation_prompts",
     "resume",
     "config",
+    "logging_dir",
 )
 
 # The packages an optimizer needs beyond torch and transformers, and how to get them.
@@ -122,10 +125,19 @@ def check_args(args: argparse.Namespace) -> None:
             "multires_noise_iterations": AT_LEAST_0,
             "multires_noise_discount": FRACTION,
             "ip_noise_gamma": AT_LEAST_0,
+            "logit_std": POSITIVE,
+            "gradient_checkpointing_interval": AT_LEAST_1,
         },
     )
+    check_timesteps(args.min_timestep, args.max_timestep)
+    if args.gradient_checkpointing_interval > 1 and not args.gradient_checkpointing:
+        raise UserError(
+            "--gradient_checkpointing_interval chooses which blocks are checkpointed; drop "
+            "--no-gradient_checkpointing"
+        )
     check_caption_args(args)
     check_adapter_args(args)
+    check_trackers(args)
     optimizer_args(args.optimizer, args.optimizer_args)
     if args.reg_data_dir is not None:
         check_data_dir(args.reg_data_dir)
@@ -147,6 +159,52 @@ def check_args(args: argparse.Namespace) -> None:
     check_numbers(args, {"ddp_timeout": POSITIVE})
     if args.cache_dir is not None:
         check_output_dir(args.cache_dir, "--cache_dir")
+
+
+def check_timesteps(low: int, high: int | None) -> None:
+    """kohya's range: t is drawn from low .. high-1, within SDXL's 1000 timesteps."""
+    top = 1000 if high is None else high
+    if not 0 <= low < top <= 1000:
+        raise UserError(
+            f"--min_timestep {low} and --max_timestep {top} leave no timestep: t is drawn from "
+            "min .. max-1, with 0 <= min < max <= 1000 (kohya's meaning)"
+        )
+
+
+def trackers(args: argparse.Namespace) -> tuple[str | None, Path | None]:
+    """Where the run logs besides metrics.jsonl: (the W&B project or None, TensorBoard's folder or
+    None), from --log_with, --wandb_project and --logging_dir as kohya reads them."""
+    chosen = args.log_with
+    if chosen is None:  # no --log_with: the folder or project given says which
+        chosen = {(True, True): "all", (True, False): "wandb", (False, True): "tensorboard"}.get(
+            (args.wandb_project is not None, args.logging_dir is not None)
+        )
+    wandb_project = None
+    if chosen in ("wandb", "all"):
+        wandb_project = args.wandb_project or "train_sdxl"
+    tensorboard_dir = None
+    if chosen in ("tensorboard", "all"):
+        output_dir = Path(args.output_dir)
+        folder = Path(args.logging_dir) / output_dir.resolve().name if args.logging_dir else None
+        tensorboard_dir = folder or output_dir / "tensorboard"
+    return wandb_project, tensorboard_dir
+
+
+def check_trackers(args: argparse.Namespace) -> None:
+    """--log_with, --wandb_project and --logging_dir agree, and the trackers are installed."""
+    if args.log_with == "tensorboard" and args.wandb_project is not None:
+        raise UserError("--wandb_project logs to W&B, which --log_with tensorboard leaves out; "
+                        "use --log_with all")  # fmt: skip
+    if args.log_with == "wandb" and args.logging_dir is not None:
+        raise UserError("--logging_dir is TensorBoard's, which --log_with wandb leaves out; "
+                        "use --log_with all")  # fmt: skip
+    wandb_project, tensorboard_dir = trackers(args)
+    if tensorboard_dir is not None and importlib.util.find_spec("tensorboard") is None:
+        raise UserError(
+            "TensorBoard logging needs the tensorboard package: uv sync --extra tensorboard"
+        )
+    if args.logging_dir is not None:
+        check_output_dir(args.logging_dir, "--logging_dir")
 
 
 def check_caption_args(args: argparse.Namespace) -> None:
@@ -290,6 +348,11 @@ def training_specs(args: argparse.Namespace) -> TrainSpecs:
         multires_discount=args.multires_noise_discount,
         ip_noise_gamma=args.ip_noise_gamma,
         prior_loss_weight=args.prior_loss_weight,
+        min_timestep=args.min_timestep,
+        max_timestep=args.max_timestep,
+        timestep_sampling=args.timestep_sampling,
+        logit_mean=args.logit_mean,
+        logit_std=args.logit_std,
     )
     optimizer = OptimizerSpec(
         name=args.optimizer,
@@ -306,6 +369,7 @@ def training_specs(args: argparse.Namespace) -> TrainSpecs:
     step = StepSpec(
         precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing,
+        checkpoint_interval=args.gradient_checkpointing_interval,
         fp8_base=args.fp8_base,
         cuda_graph=args.cuda_graph,
         compile=args.compile,
@@ -472,6 +536,13 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         default=True,
         help="recompute activations in backward (on by default: needed for <12 GB)",
     )
+    g.add_argument(
+        "--gradient_checkpointing_interval",
+        type=int,
+        default=1,
+        help="recompute only every N-th UNet block (SimpleTuner's): faster, more memory; "
+        "--estimate_memory shows what each N costs",
+    )
     add_shared(g, "device", False)
     add_shared(
         g,
@@ -634,6 +705,31 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         help="input perturbation: extra noise on the UNet's input only (0.1 is usual)",
     )
     g.add_argument(
+        "--min_timestep",
+        type=int,
+        default=0,
+        help="train on timesteps from this one (kohya's; with --max_timestep: t in min .. max-1); "
+        "high values train composition and style, low ones detail",
+    )
+    g.add_argument(
+        "--max_timestep",
+        type=int,
+        default=None,
+        help="train on timesteps below this one (kohya's; default: all, 1000)",
+    )
+    g.add_argument(
+        "--timestep_sampling",
+        default="uniform",
+        choices=TIMESTEP_SAMPLINGS,
+        help="uniform; or logit_normal, which favours the middle of the range (SD3's)",
+    )
+    g.add_argument(
+        "--logit_mean", type=float, default=0.0, help="mean of logit_normal timestep sampling"
+    )
+    g.add_argument(
+        "--logit_std", type=float, default=1.0, help="spread of logit_normal timestep sampling"
+    )
+    g.add_argument(
         "--noise_offset",
         type=float,
         default=0.0,
@@ -667,7 +763,22 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         help="keep only the newest N step checkpoints (0: keep all)",
     )
     g.add_argument(
-        "--wandb_project", default=None, help="also log to this Weights & Biases project"
+        "--log_with",
+        default=None,
+        choices=LOGGERS,
+        help="also log to TensorBoard, W&B or both (kohya's; metrics.jsonl is always written); "
+        "default: W&B with --wandb_project, TensorBoard with --logging_dir",
+    )
+    g.add_argument(
+        "--logging_dir",
+        default=None,
+        help="TensorBoard's folder: the run logs to LOGGING_DIR/<name of --output_dir>, so that "
+        "tensorboard --logdir LOGGING_DIR shows several runs (default: OUTPUT_DIR/tensorboard)",
+    )
+    g.add_argument(
+        "--wandb_project",
+        default=None,
+        help="the Weights & Biases project to log to (default with --log_with wandb: train_sdxl)",
     )
     g.add_argument("--resume", default=None, help="continue from this checkpoint (.pt)")
     g.add_argument(

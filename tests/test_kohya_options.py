@@ -15,8 +15,9 @@ from sdxl.checkpoint import load_checkpoint
 from sdxl.device import resolve_precision
 from sdxl.diffusion import NoiseSchedule
 from sdxl.errors import UserError
+from training import noise
 from training.data_loader import CaptionRules, TrainingData, prepare, steps_per_epoch, with_repeats
-from training.loss import debiased_weight, elementwise_loss, training_loss
+from training.loss import debiased_weight, elementwise_loss, min_snr_weight, training_loss
 from training.scan import DataError, scan
 from training.specs import AdapterSpec, LossSpec, OptimizerSpec, StepSpec
 
@@ -283,6 +284,27 @@ def test_input_perturbation_moves_only_the_input():
     )
 
 
+@pytest.mark.parametrize("sampling", ["uniform", "logit_normal"])
+def test_min_snr_and_debiased_weights_follow_the_drawn_timesteps(sampling):
+    """The loss of a model predicting 0 is mean(eps^2) * w(t): w must be that of the t drawn."""
+    schedule = NoiseSchedule.scaled_linear()
+    spec = LossSpec(
+        snr_gamma=5.0, debiased=True, min_timestep=900, max_timestep=1000,
+        timestep_sampling=sampling, logit_mean=1.0,
+    )  # fmt: skip
+    eps, loss = input_noise(spec)
+    t = noise.timesteps(SEEDS, 900, 1000, sampling, 1.0, 1.0)
+    assert t.min() >= 900
+    weight = min_snr_weight(schedule, 5.0, t) * debiased_weight(schedule, t)
+    torch.testing.assert_close(loss, eps.pow(2).mean(dim=(1, 2, 3)) * weight, rtol=1e-5, atol=0)
+
+
+def test_a_timestep_range_without_timesteps_is_one_line(tiny_model, tmp_path):
+    for flags in (["--min_timestep", "500", "--max_timestep", "500"], ["--max_timestep", "1001"]):
+        with pytest.raises(UserError, match="leave no timestep"):
+            train_sdxl.check_args(train_sdxl.parse_args(train_argv(tiny_model, tmp_path, *flags)))
+
+
 def test_debiased_weights_and_huber_losses():
     schedule = NoiseSchedule.scaled_linear()
     t = torch.tensor([0, 500, 999])
@@ -365,6 +387,7 @@ def test_neutral_values_of_every_new_option_give_todays_losses(tiny_model, tmp_p
         'multires_noise_iterations = 0\nip_noise_gamma = 0.0\nloss_type = "l2"\n'
         "keep_tokens = 0\ncaption_tag_dropout_rate = 0.0\nshuffle_caption = false\n"
         'optimizer = "adamw"\nmasked_loss = false\ndebiased_estimation_loss = false\n'
+        'min_timestep = 0\nmax_timestep = 1000\ntimestep_sampling = "uniform"\nlogit_std = 2.0\n'
     )
     _, neutral = run(tiny_model, tmp_path / "b", "--config", str(config))
     assert [r["loss"] for r in neutral] == [r["loss"] for r in today]

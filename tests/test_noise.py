@@ -1,5 +1,6 @@
 """The training step's per-sample random numbers (training/noise.py)."""
 
+import pytest
 import torch
 
 from training import noise
@@ -37,7 +38,37 @@ def test_distributions():
 
 
 def test_timesteps_cover_the_schedule_uniformly():
-    t = noise.uniform_timesteps(torch.arange(20_000, dtype=torch.int64), 1000)
+    seeds = torch.arange(20_000, dtype=torch.int64)
+    t = noise.timesteps(seeds, 0, 1000)
     assert t.dtype == torch.int64 and t.min() >= 0 and t.max() <= 999
     counts = torch.bincount(t // 100, minlength=10).float()
     assert (counts - 2000).abs().max() < 5 * 2000**0.5
+    # the whole range draws the bits it always drew, so earlier runs resume unchanged
+    u = noise.rand(seeds, noise.TIMESTEP, (1,))[:, 0]
+    assert torch.equal(t, ((1.0 - u) * 1000).long().clamp(max=999))
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "logit_normal"])
+@pytest.mark.parametrize("low, high", [(0, 1000), (200, 800), (900, 1000), (500, 501)])
+def test_every_drawn_timestep_lies_in_the_range(sampling, low, high):
+    t = noise.timesteps(torch.arange(20_000, dtype=torch.int64), low, high, sampling, 0.0, 2.0)
+    assert t.min() >= low and t.max() <= high - 1
+    if sampling == "uniform":  # both ends are reached
+        assert t.min() == low and t.max() == high - 1
+
+
+def test_logit_normal_timesteps_follow_their_distribution():
+    """Kolmogorov-Smirnov at every timestep: P(t <= k) = Phi((logit(x) - mean) / std) with
+    x = (k + 1 - low) / (high - low). 50,000 fixed seeds; the bound 1.95 / sqrt(n) is the 0.1%
+    critical value, so a correct sampler passes it (and does, deterministically)."""
+    n, low, high, mean, std = 50_000, 100, 900, 0.5, 1.5
+    t = noise.timesteps(torch.arange(n, dtype=torch.int64), low, high, "logit_normal", mean, std)
+    k = torch.arange(low, high - 1, dtype=torch.float64)
+    x = (k + 1 - low) / (high - low)
+    expected = 0.5 * (1 + torch.erf((torch.logit(x) - mean) / (std * 2**0.5)))
+    empirical = (t[None, :] <= k[:, None]).double().mean(dim=1)
+    assert (empirical - expected).abs().max() < 1.95 / n**0.5
+    # and not merely uniform: the middle is favoured
+    assert (empirical - (k + 1 - low) / (high - low)).abs().max() > 10 / n**0.5
+    with pytest.raises(ValueError, match="unknown timestep sampling"):
+        noise.timesteps(t, 0, 1000, "cosmic")

@@ -109,7 +109,10 @@ def test_full_size_keys_shapes_and_count_on_meta(sdxl_unet_config):
     assert sum(p.numel() for p in ours.parameters()) == 2_567_463_684
 
 
-def test_gradient_checkpointing_same_output_and_gradients():
+@pytest.mark.parametrize("interval", [1, 2, 4])
+def test_gradient_checkpointing_same_output_and_gradients(interval):
+    """Checkpointing every unit, or every 2nd or 4th (--gradient_checkpointing_interval), gives
+    the plain output and gradients in fp32."""
     ours, _ = _pair()
     x, t, ctx, cond = _inputs()
 
@@ -120,9 +123,10 @@ def test_gradient_checkpointing_same_output_and_gradients():
         return out.detach(), [p.grad.clone() for p in ours.parameters()]
 
     plain_out, plain_grads = run()
-    ours.enable_gradient_checkpointing()
+    ours.enable_gradient_checkpointing(interval)
     units = list(ours.checkpoint_units())
-    assert units and all("forward" in m.__dict__ for m in units)
+    checkpointed = ["forward" in m.__dict__ for m in units]
+    assert len(units) > 4 and checkpointed == [i % interval == 0 for i in range(len(units))]
     ckpt_out, ckpt_grads = run()
     ours.disable_gradient_checkpointing()
     assert all("forward" not in m.__dict__ for m in units)

@@ -40,10 +40,11 @@ RUN_FILES = (
     "metrics.jsonl",
     "validation_step*.png",
     "wandb",
+    "tensorboard",
     *(f"{prefix}_*.{ext}" for prefix in ("lora", "full", "unet") for ext in ("pt", "safetensors")),
 )
 # What a run leaves before its first checkpoint: a run that failed early, nothing to keep.
-START_FILES = ("config.json", "metrics.jsonl")
+START_FILES = ("config.json", "metrics.jsonl", "tensorboard")
 
 
 def claim_output_dir(folder: Path, resume: str | None, overwrite: bool) -> FolderLock:

@@ -2,7 +2,7 @@
 timestep and noise, `noised_loss` compares the UNet's prediction with its target.
 
     x0 ~ q(x0 | image)                the VAE posterior (its moments come from the batch)
-    t ~ U{0, ..., T-1},  eps ~ N(0, I)
+    t ~ U{0, ..., T-1} (or a part of it, or logit-normal),  eps ~ N(0, I)
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
     loss = w(t) * mean over pixels of  mask * l(unet(x_t, t, text, size), target)
     target = eps (epsilon prediction) or sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (v-prediction)
@@ -42,7 +42,14 @@ def training_loss(
     embedding, time ids (B, 6), per-sample seeds (B,), loss masks (B, 1, h, w)."""
     latent_shape = (moments.shape[1] // 2, *moments.shape[2:])  # (4, h, w)
     x0 = vae.sample(moments, noise.randn(seeds, noise.POSTERIOR, latent_shape))
-    t = noise.uniform_timesteps(seeds, schedule.num_train_timesteps)
+    t = noise.timesteps(
+        seeds,
+        spec.min_timestep,
+        spec.max_timestep or schedule.num_train_timesteps,
+        spec.timestep_sampling,
+        spec.logit_mean,
+        spec.logit_std,
+    )
     eps = noise.randn(seeds, noise.NOISE, latent_shape)
     if spec.noise_offset:  # Guttenberg 2023: lets the model learn overall brightness
         eps = eps + spec.noise_offset * noise.randn(seeds, noise.OFFSET, (latent_shape[0], 1, 1))

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from cli.choices import TIMESTEP_SAMPLINGS
+
 _MASK32 = 0xFFFFFFFF
 
 # Streams: independent sequences per sample.
@@ -71,10 +73,26 @@ def randn(seeds: torch.Tensor, stream: int, shape: Sequence[int]) -> torch.Tenso
 # ---------------------------------------------------------------------------------------------
 
 
-def uniform_timesteps(seeds: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
-    """t uniform over 0 .. T-1, one per seed (int64)."""
-    u = rand(seeds, TIMESTEP, (1,))[:, 0]  # (0, 1]
-    return ((1.0 - u) * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)
+def timesteps(
+    seeds: torch.Tensor,
+    low: int,
+    high: int,
+    sampling: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+) -> torch.Tensor:
+    """One timestep per seed (int64) in low .. high-1 (kohya's --min_timestep/--max_timestep):
+    uniform; or logit-normal, a fraction s = sigmoid(mean + std z) of the range (Esser et al.
+    2024, SD3's sampling, which favours the middle timesteps)."""
+    if sampling == "uniform":
+        s = 1.0 - rand(seeds, TIMESTEP, (1,))[:, 0]  # [0, 1)
+    elif sampling == "logit_normal":
+        s = torch.sigmoid(logit_mean + logit_std * randn(seeds, TIMESTEP, (1,))[:, 0])
+    else:
+        raise ValueError(
+            f"unknown timestep sampling {sampling!r}; choose one of {TIMESTEP_SAMPLINGS}"
+        )
+    return ((s * (high - low)).long() + low).clamp_(max=high - 1)
 
 
 def pyramid(

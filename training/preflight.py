@@ -192,7 +192,14 @@ ALTERNATIVES: list[tuple[str, Callable[[TrainSpecs], TrainSpecs | None]]] = [
         lambda s: _data(s, cache_latents=True, cache_text_embeddings=True),
     ),
     ("--fp8_base", lambda s: None if s.adapter is None else _step(s, fp8_base=True)),
-    ("--gradient_checkpointing", lambda s: _step(s, gradient_checkpointing=True)),
+    (
+        "--gradient_checkpointing_interval 1",
+        lambda s: _step(s, checkpoint_interval=1) if s.step.gradient_checkpointing else None,
+    ),
+    (
+        "--gradient_checkpointing",
+        lambda s: _step(s, gradient_checkpointing=True, checkpoint_interval=1),
+    ),
     ("--cuda_graph off", lambda s: _step(s, cuda_graph="off")),
     ("--image_size 768", lambda s: _data(s, size=(768, 768)) if max(s.data.size) > 768 else None),
     ("--image_size 512", lambda s: _data(s, size=(512, 512)) if max(s.data.size) > 512 else None),

@@ -80,6 +80,11 @@ class LossSpec:
     multires_discount: float = 0.3
     ip_noise_gamma: float = 0.0  # input perturbation
     prior_loss_weight: float = 1.0  # of the regularisation images' loss
+    min_timestep: int = 0  # timesteps drawn from min_timestep .. max_timestep - 1 (kohya's)
+    max_timestep: int | None = None  # None: the schedule's (1000)
+    timestep_sampling: str = "uniform"  # cli/choices.py: TIMESTEP_SAMPLINGS
+    logit_mean: float = 0.0  # of logit-normal sampling
+    logit_std: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,7 @@ class StepSpec:
 
     precision: str = "auto"  # bf16 on CUDA, fp32 on the CPU
     gradient_checkpointing: bool = True
+    checkpoint_interval: int = 1  # recompute every N-th UNet block (1: all, the least memory)
     fp8_base: bool = False  # the frozen UNet stored in fp8 (LoRA only)
     # auto: CUDA graphs where the options allow; off: eager steps; uncaptured: the graphs' path
     # (fixed buffers, kept gradients) without capturing, which is what a CPU can test.

@@ -143,7 +143,7 @@ def build_trainer(
     models = torch.nn.ModuleDict(make_trainable(specs.adapter, specs.step.fp8_base, parts))
     unet.to(dist.device)
     if specs.step.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        unet.enable_gradient_checkpointing(specs.step.checkpoint_interval)
     unet.to(memory_format=torch.channels_last)  # the layout fast convolution kernels want
     trained = [(n, p) for n, p in models.named_parameters() if p.requires_grad]
     optimizer, lr_scheduler = build_optimizer(trained, list(models), specs.optimizer, max_steps)

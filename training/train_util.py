@@ -51,8 +51,12 @@ def write_lines(path: Path, lines: list[str]) -> None:
 
 
 class MetricsLog:
-    """Always a local JSONL file (one object per optimizer step); W&B too when a project is given.
-    With no path (a data-parallel process other than the first) it writes nothing."""
+    """Always a local JSONL file (one object per optimizer step); W&B and TensorBoard too when
+    asked. With no path (a data-parallel process other than the first) it writes nothing.
+
+    A resumed run continues the same records: the JSONL file drops the lines after the resumed
+    step, and TensorBoard's writer marks the steps after it as purged, so that its reader shows
+    each step once, as the resumed run logged it."""
 
     def __init__(
         self,
@@ -60,6 +64,7 @@ class MetricsLog:
         wandb_project: str | None = None,
         config: dict | None = None,
         resumed_at: int = 0,
+        tensorboard_dir: Path | None = None,
     ):
         if path is not None and path.is_file():  # a resumed run's file: drop what followed its step
             write_lines(path, [r for r in path.read_text().splitlines() if _step(r) <= resumed_at])
@@ -69,6 +74,11 @@ class MetricsLog:
             import wandb
 
             self.wandb = wandb.init(project=wandb_project, config=config, dir=str(path.parent))
+        self.tensorboard = None
+        if tensorboard_dir is not None and path is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(tensorboard_dir), purge_step=resumed_at + 1)
 
     def log(self, record: dict[str, Any]) -> None:
         record = {"time": time.time(), **record}
@@ -82,6 +92,11 @@ class MetricsLog:
             self.wandb.log(
                 {k: v for k, v in record.items() if k != "step"}, step=record.get("step")
             )
+        if self.tensorboard is not None:
+            for name, value in record.items():
+                if name not in ("step", "time"):
+                    self.tensorboard.add_scalar(name, value, record["step"], record["time"])
+            self.tensorboard.flush()
 
     def __enter__(self) -> MetricsLog:
         return self
@@ -94,12 +109,21 @@ class MetricsLog:
             import wandb
 
             self.wandb.log({name: wandb.Image(str(path))}, step=step)
+        if self.tensorboard is not None:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+            self.tensorboard.add_image(name, pixels, step, dataformats="HWC")
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 # ---------------------------------------------------------------------------------------------
