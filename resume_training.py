@@ -100,7 +100,8 @@ def main(args: argparse.Namespace) -> int:
     ]
     print(f"newest checkpoint: {describe(path, ckpt)}")
     print(
-        f"trained with: {config.get('base_model')}, data {config.get('data_dir')}, output {config.get('output_dir')}"
+        f"trained with: {config.get('base_model')}, data "
+        f"{config.get('data_dir') or config.get('dataset_config')}, output {config.get('output_dir')}"
     )
     print("resume command:\n  " + " ".join(command))
     if not args.execute:

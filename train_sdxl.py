@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> Path | int:
     wandb_project, tensorboard_dir = trackers(args)
     metrics = MetricsLog(run.metrics_file, wandb_project, run.config, state.step, tensorboard_dir)
     bar = tqdm(total=run.max_steps, initial=state.step, desc="train", disable=not dist.main)
-    timer = Timer(args.batch_size * dist.world * args.gradient_accumulation_steps)
+    timer = Timer()
     with run.lock, metrics, bar, StopSignals() as stop:
         for (micro, epoch, position), reg_micro in zip(run.steps, run.reg_steps):
             # The step's one device sync: its losses (training, regularisation) and gradient norm.
@@ -81,7 +81,8 @@ def main(args: argparse.Namespace) -> Path | int:
                     "(try a lower --learning_rate, or --precision bf16/fp32)"
                 )
             record = {"step": state.step + 1, "epoch": state.epoch, "loss": loss, "lr": lr}
-            record |= {"grad_norm": grad_norm, "images_per_s": timer.images_per_s()}
+            images = sum(len(batch[3]) for batch in micro) * dist.world  # (datasets differ)
+            record |= {"grad_norm": grad_norm, "images_per_s": timer.images_per_s(images)}
             record |= {"train_loss": train_loss, "reg_loss": reg_loss} if run.reg else {}
             epoch_done = epoch > state.epoch
             state.advance(loss, epoch, position)

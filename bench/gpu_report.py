@@ -52,10 +52,16 @@ def plan(cuda: bool) -> dict[str, list[dict]]:
     """The rows of each part: full size on a GPU, the tiny model at small sizes on a CPU."""
     sizes = (512, 1024) if cuda else (32,)
     train = [
-        {"size": s, "cached": c, "fp8": f, "graphs": g}
+        {"size": s, "cached": c, "fp8": f, "graphs": g, "interval": 1}
         for s in sizes
         for c, f in ((False, False), (True, False), (True, True))
         for g in ((True, False) if cuda else (False,))
+    ]
+    # --gradient_checkpointing_interval: its speed and memory, last (the first rows to go when the
+    # part runs out of time)
+    train += [
+        {"size": sizes[-1], "cached": False, "fp8": False, "graphs": cuda, "interval": n}
+        for n in ((2, 4) if cuda else (2,))
     ]
     size = 1024 if cuda else 64
     generate = [
@@ -153,7 +159,11 @@ def train_part(model: Path, rows: list[dict], steps: int) -> None:
             cache_latents=row["cached"],
             cache_text_embeddings=row["cached"],
         )
-        step = StepSpec(fp8_base=row["fp8"], cuda_graph="auto" if row["graphs"] else "off")
+        step = StepSpec(
+            fp8_base=row["fp8"],
+            cuda_graph="auto" if row["graphs"] else "off",
+            checkpoint_interval=row["interval"],
+        )
         specs = TrainSpecs(data, ModelSpec(str(model)), adapter, LossSpec(), OptimizerSpec(), step)
         measured = Measured()
         parts = copy.deepcopy(base)
@@ -422,7 +432,10 @@ def predict(part: str, row: dict, model: Path) -> float:
             Path("."), size=size, cache_latents=row["cached"], cache_text_embeddings=row["cached"]
         )
         step = StepSpec(
-            precision="bf16", fp8_base=row["fp8"], cuda_graph="auto" if row["graphs"] else "off"
+            precision="bf16",
+            fp8_base=row["fp8"],
+            cuda_graph="auto" if row["graphs"] else "off",
+            checkpoint_interval=row["interval"],
         )
         adapter = AdapterSpec(rank=4, alpha=4)
         specs = TrainSpecs(data, ModelSpec(str(model)), adapter, LossSpec(), OptimizerSpec(), step)
@@ -494,6 +507,7 @@ def markdown(report: dict) -> str:
             continue
         data = "cached + fp8" if r["fp8"] else "cached" if r["cached"] else "uncached"
         mode = "graphs" if r["graphs"] else "eager"
+        mode += f", checkpointing interval {r['interval']}" if r.get("interval", 1) > 1 else ""
         measured = r["max_reserved_GiB"]
         lines.append(
             f"| {r['size']} px, {data}, {mode} | {r['images_per_s']:.2f} | {r['first_step_s']:.1f} "

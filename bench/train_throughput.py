@@ -46,7 +46,7 @@ from sdxl.pretrained import (
     write_random_sdxl,
 )
 from training.cache import encoders
-from training.data_loader import TrainingData, collate
+from training.data_loader import SampleRules, TrainingData, collate
 from training.scan import scan
 from training.specs import (
     AdapterSpec,
@@ -111,7 +111,7 @@ def child(args: argparse.Namespace) -> None:
     folder = mid_sdxl() if args.model == "mid" else resolve_model(args.model)
     precision = resolve_precision(args.precision, device)
     parts = load_sdxl(folder, precision.unet_dtype, device, precision.text_dtype)
-    data = TrainingData(scan(args.data_dir), args.image_size, random_flip=True)
+    data = TrainingData(scan(args.data_dir), args.image_size, rules=SampleRules(random_flip=True))
     with tempfile.TemporaryDirectory() as cache:
         # The specs train_sdxl.py makes of --use_lora --lora_rank R --lora_alpha R, the mode's
         # flags and, for cached data, --cache_latents --cache_text_embeddings.

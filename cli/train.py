@@ -23,6 +23,7 @@ from cli.choices import (
     TIMESTEP_SAMPLINGS,
     VAE_TILE_SIZE,
 )
+from cli.dataset_config import command_line_defaults, read_dataset_config
 from cli.options import (
     AT_LEAST_0,
     AT_LEAST_1,
@@ -48,6 +49,7 @@ from sdxl.files import cache_root
 from training.scan import check_data_dir
 from training.specs import (
     AdapterSpec,
+    DatasetSpec,
     DataSpec,
     LossSpec,
     ModelSpec,
@@ -68,6 +70,7 @@ PATH_FLAGS = (
     "resume",
     "config",
     "logging_dir",
+    "dataset_config",
 )
 
 # The packages an optimizer needs beyond torch and transformers, and how to get them.
@@ -85,10 +88,18 @@ def parse_args(argv: list[str], description: str = "") -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     """Every flag, checked before anything heavy is imported, any model is loaded or any file is
     written: one line for the first problem."""
-    if args.data_dir is None:
+    if args.dataset_config is not None:
+        for flag in ("data_dir", "reg_data_dir"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--dataset_config names the data (its subsets' image_dir and "
+                                f"is_reg); drop --{flag}")  # fmt: skip
+        for note in dataset_config(args)[1]:
+            print(note)
+    elif args.data_dir is None:
         if not args.estimate_memory:
             raise UserError(
-                "--data_dir FOLDER is required (a folder of image + .txt pairs or shards)"
+                "--data_dir FOLDER is required (a folder of image + .txt pairs or shards), or "
+                "--dataset_config FILE.toml (kohya's)"
             )
     elif not args.estimate_memory or Path(args.data_dir).is_dir():
         check_data_dir(args.data_dir)
@@ -169,6 +180,21 @@ def check_timesteps(low: int, high: int | None) -> None:
             f"--min_timestep {low} and --max_timestep {top} leave no timestep: t is drawn from "
             "min .. max-1, with 0 <= min < max <= 1000 (kohya's meaning)"
         )
+
+
+def dataset_config(args: argparse.Namespace) -> tuple[tuple[DatasetSpec, ...], list[str]]:
+    """--dataset_config's datasets (the flags of the same meaning as their defaults), and a line
+    for each key this project lacks; checked against the caches as the flags are."""
+    datasets, notes = read_dataset_config(args.dataset_config, command_line_defaults(args))
+    for i, dataset in enumerate(datasets):
+        if dataset.bucket and min(dataset.size) < 64:
+            raise UserError(f"--dataset_config: datasets[{i}] has enable_bucket with a side "
+                            "under 64 (buckets have sides in multiples of 64)")  # fmt: skip
+        changing = any(s.shuffle_caption or s.caption_tag_dropout_rate for s in dataset.subsets)
+        if changing and args.cache_text_embeddings:
+            raise UserError(f"--dataset_config: datasets[{i}] shuffles or drops tags, which "
+                            "cached text embeddings would freeze; drop --cache_text_embeddings")  # fmt: skip
+    return datasets, notes
 
 
 def trackers(args: argparse.Namespace) -> tuple[str | None, Path | None]:
@@ -316,6 +342,7 @@ def training_specs(args: argparse.Namespace) -> TrainSpecs:
         batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         seed=args.seed,
+        datasets=dataset_config(args)[0] if args.dataset_config else (),
     )
     model = ModelSpec(
         pretrained_model=args.pretrained_model,
@@ -412,6 +439,13 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "--data_dir",
         default=None,
         help="folder of name.jpg|jpeg|png|webp + name.txt pairs, or of WebDataset .tar shards",
+    )
+    g.add_argument(
+        "--dataset_config",
+        default=None,
+        help="kohya's dataset config (TOML or JSON): several datasets, each with its own "
+        "resolution, buckets and batch size, of subsets with their own folders, repeats and "
+        "caption options; replaces --data_dir and --reg_data_dir (the data flags are its defaults)",
     )
     add_shared(
         g,

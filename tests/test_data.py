@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data_loader import TrainingData, prepare
+from training.data_loader import SampleRules, TrainingData, prepare
 from training.scan import DataError, scan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +39,8 @@ def test_folder_and_webdataset_give_the_same_samples(tmp_path):
         )
     folder_records, tar_records = scan(EXAMPLES), scan(shards)
     assert len(folder_records) == len(tar_records) == len(images)
-    a = TrainingData(folder_records, 32, random_flip=True, seed=3)
-    b = TrainingData(tar_records, 32, random_flip=True, seed=3)
+    a = TrainingData(folder_records, 32, rules=SampleRules(random_flip=True), seed=3)
+    b = TrainingData(tar_records, 32, rules=SampleRules(random_flip=True), seed=3)
     for i in range(len(a)):
         pa, ida, ca, _, _ = a[(i, i)]
         pb, idb, cb, _, _ = b[(i, i)]

@@ -16,7 +16,14 @@ from sdxl.device import resolve_precision
 from sdxl.diffusion import NoiseSchedule
 from sdxl.errors import UserError
 from training import noise
-from training.data_loader import CaptionRules, TrainingData, prepare, steps_per_epoch, with_repeats
+from training.data_loader import (
+    CaptionRules,
+    SampleRules,
+    TrainingData,
+    prepare,
+    steps_per_epoch,
+    with_repeats,
+)
 from training.loss import debiased_weight, elementwise_loss, min_snr_weight, training_loss
 from training.scan import DataError, scan
 from training.specs import AdapterSpec, LossSpec, OptimizerSpec, StepSpec
@@ -215,7 +222,7 @@ def test_prodigy_lowers_the_loss_of_one_batch(tiny_model, tmp_path):
     precision = resolve_precision("fp32", cpu.device)
     encoders = (parts.vae.moments, parts.text_encoder.encode)
     tr = build_trainer(specs, parts, *encoders, precision, cpu, max_steps=40)
-    data = TrainingData(scan(EXAMPLES)[:2], 32, center_crop=True)
+    data = TrainingData(scan(EXAMPLES)[:2], 32, rules=SampleRules(center_crop=True))
     batch = collate([data[(0, 0)], data[(1, 1)]])  # the same samples: the same noise and t
     losses = [train_step(tr, [batch], [])[0].item() for _ in range(40)]
     assert losses[-1] < losses[0] / 3, losses  # the same stated factor as with AdamW

@@ -167,7 +167,7 @@ def test_lora_on_an_fp8_base_trains(tiny_model, tmp_path):
     from sdxl.device import Distributed, resolve_precision
     from sdxl.frozen import FP8
     from sdxl.pretrained import load_sdxl
-    from training.data_loader import TrainingData, collate
+    from training.data_loader import SampleRules, TrainingData, collate
     from training.scan import scan
     from training.specs import AdapterSpec, OptimizerSpec, StepSpec
     from training.train_loop import build_trainer, train_step
@@ -191,7 +191,7 @@ def test_lora_on_an_fp8_base_trains(tiny_model, tmp_path):
     )
     stored = {k: v.clone() for k, v in tr.unet.state_dict().items() if v.dtype == FP8}
     assert len(stored) > 50
-    data = TrainingData(scan(EXAMPLES)[:2], 32, center_crop=True)
+    data = TrainingData(scan(EXAMPLES)[:2], 32, rules=SampleRules(center_crop=True))
     batch = collate([data[(0, 0)], data[(1, 1)]])
     losses = [train_step(tr, [batch], [])[0].item() for _ in range(30)]
     print(f"fp8 base: loss {losses[0]:.3f} -> {losses[-1]:.3f}")

@@ -36,7 +36,7 @@ from sdxl.files import atomic_write
 from sdxl.pretrained import load_sdxl
 from sdxl.weights import read_safetensors_header
 from training.checkpoint import save_checkpoints
-from training.data_loader import TrainingData, assign_buckets, load_image
+from training.data_loader import SampleRules, TrainingData, assign_buckets, load_image
 from training.scan import scan
 from training.train_loop import TrainState, build_trainer
 
@@ -184,7 +184,7 @@ def test_05_exif_orientation_is_applied_to_pixels_sizes_buckets_and_time_ids(tmp
     assert upright[:18, :, 0].mean() > 200 and upright[22:, :, 0].mean() < 50  # red on top
     width, height = assign_buckets([record], 128)[0]
     assert width < height
-    _, time_ids, _, _, _ = TrainingData([record], 16, center_crop=True)[(0, 0)]
+    _, time_ids, _, _, _ = TrainingData([record], 16, rules=SampleRules(center_crop=True))[(0, 0)]
     assert time_ids[:2].tolist() == [40, 20]  # original (height, width) as seen
 
 
@@ -259,7 +259,7 @@ def test_07_damaged_shards_are_named_skipped_in_part_and_counted(tmp_path, caplo
         and "4 damaged shards, at least 1 samples lost" in summary
     )
     # A good shard's samples are read back exactly (pixels and caption).
-    data = TrainingData(records, 24, center_crop=True)
+    data = TrainingData(records, 24, rules=SampleRules(center_crop=True))
     pixels, _, caption, _, _ = data[(keys.index("e_cut_between.tar/000021"), 0)]
     assert caption == "caption 21" and pixels[0].mean() > -1
 

@@ -7,7 +7,7 @@ from conftest import train_argv
 from PIL import Image
 
 import train_sdxl
-from training.data_loader import TrainingData, assign_buckets, batches, bucket_sizes
+from training.data_loader import SampleRules, TrainingData, assign_buckets, batches, bucket_sizes
 from training.scan import scan
 
 
@@ -102,7 +102,9 @@ def test_bucket_table_and_assignment(tmp_path):
     records = scan(tmp_path)
     buckets = dict(zip([r.key for r in records], assign_buckets(records, 128)))
     assert buckets == {"square.png": (128, 128), "tall.png": (64, 192), "wide.png": (192, 64)}
-    data = TrainingData(records, 128, center_crop=True, buckets=[buckets[r.key] for r in records])
+    data = TrainingData(
+        records, 128, rules=SampleRules(center_crop=True), buckets=[buckets[r.key] for r in records]
+    )
     pixels, time_ids, _, _, _ = data[([r.key for r in records].index("wide.png"), 0)]
     # 300 x 100 covers 192 x 64 at scale 0.64: resized to 192 x 64, nothing cropped.
     assert pixels.shape == (3, 64, 192)

@@ -13,7 +13,7 @@ from sdxl.device import Distributed, resolve_precision
 from sdxl.errors import UserError
 from sdxl.files import atomic_write
 from sdxl.pretrained import load_sdxl
-from training.data_loader import TrainingData, collate
+from training.data_loader import SampleRules, TrainingData, collate
 from training.scan import scan
 from training.specs import AdapterSpec, OptimizerSpec, StepSpec
 from training.train_loop import TrainingError, build_trainer, train_step
@@ -36,7 +36,7 @@ def test_overfit_one_batch_and_only_adapters_change(tiny_model, tmp_path):
     precision = resolve_precision("fp32", cpu.device)
     encoders = (parts.vae.moments, parts.text_encoder.encode)
     tr = build_trainer(specs, parts, *encoders, precision, cpu, max_steps=40)
-    data = TrainingData(scan(EXAMPLES)[:2], 32, center_crop=True)
+    data = TrainingData(scan(EXAMPLES)[:2], 32, rules=SampleRules(center_crop=True))
     # The same batch every step: the same sample ids, so the same noise and timesteps.
     batch = collate([data[(0, 0)], data[(1, 1)]])
     losses = [train_step(tr, [batch], [])[0].item() for _ in range(40)]

@@ -49,14 +49,13 @@ class CachedLatents(TrainingData):
         super().__init__(
             data.records,
             data.size,
-            center_crop=data.center_crop,
-            random_flip=data.random_flip,
-            caption_dropout=data.caption_dropout,
+            rules=data.rules,
             seed=data.seed,
             buckets=data.targets,
-            captions=data.captions,
             masked=data.masked,
             first_id=data.first_id,
+            groups=data.groups,
+            batch_sizes=data.batch_sizes,
         )
         folder = cache_dir / "latents"
         folder.mkdir(parents=True, exist_ok=True)

@@ -13,13 +13,16 @@ resumes mid-way, or is split over several processes.
 
 from __future__ import annotations
 
+import bisect
 import io
 import itertools
+import json
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -29,9 +32,10 @@ from PIL import Image, ImageOps
 from sdxl.device import Distributed
 from sdxl.files import cache_root
 from training.scan import DataError, Record, scan
-from training.specs import DataSpec
+from training.specs import DataSpec, SubsetSpec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Errors Pillow raises for a file it cannot decode (truncated, corrupt, too large to be safe).
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -179,13 +183,24 @@ class CaptionRules:
 PLAIN_CAPTIONS = CaptionRules()
 
 
+@dataclass(frozen=True)
+class SampleRules:
+    """How a sample is drawn from its image and caption: its crop, flip and caption dropout, and
+    kohya's caption rules (one set for a folder; one per subset of a kohya dataset config)."""
+
+    center_crop: bool = False
+    random_flip: bool = False
+    caption_dropout: float = 0.0  # the empty prompt, for classifier-free guidance
+    captions: CaptionRules = PLAIN_CAPTIONS
+
+
 def with_repeats(records: list[Record]) -> list[Record]:
     """Each record as many times as its folder repeats it (kohya's "10_name" folders): an epoch
     sees it that often, each time with its own crop, flip and noise."""
     return [r for r in records for _ in range(r.repeats)]
 
 
-def split_validation(records: list[Record], fraction: float, seed: int) -> tuple[list, list]:
+def split_validation(records: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
     """The training records and a fixed validation subset (the same for every run with this seed)."""
     if fraction <= 0:
         return records, []
@@ -207,32 +222,41 @@ def bucket_table(buckets: list[tuple[int, int]]) -> str:
 
 class TrainingData(torch.utils.data.Dataset):
     """Map-style view of the records. Item (i, sample_id) -> (pixels, time_ids, caption, sample_id);
-    the sample id (epoch * N + position in the epoch's order) seeds every random choice for it."""
+    the sample id (epoch * N + position in the epoch's order) seeds every random choice for it.
+
+    The records may come from several datasets (kohya's dataset config): `groups` gives each
+    record's dataset, `batch_sizes` each dataset's batch size, and every batch comes from one
+    dataset. One dataset (the default) takes the run's --batch_size."""
 
     def __init__(
         self,
         records: list[Record],
         size: int | tuple[int, int],
         *,
-        center_crop: bool = False,
-        random_flip: bool = False,
-        caption_dropout: float = 0.0,
+        rules: SampleRules | list[SampleRules] = SampleRules(),
         seed: int = 0,
         buckets: list[tuple[int, int]] | None = None,
-        captions: CaptionRules = PLAIN_CAPTIONS,
         masked: bool = False,
         first_id: int = 0,
+        groups: list[int] | None = None,
+        batch_sizes: tuple[int, ...] | None = None,
     ):
         size = (size, size) if isinstance(size, int) else size  # (width, height)
-        self.records, self.size, self.seed = records, size, seed
-        self.center_crop, self.random_flip = center_crop, random_flip
-        self.caption_dropout, self.captions, self.masked = caption_dropout, captions, masked
+        self.records, self.size, self.seed, self.masked = records, size, seed, masked
+        # Each record's rules, (width, height) target (its bucket, or the training size) and
+        # dataset.
+        self.rules = rules if isinstance(rules, list) else [rules] * len(records)
+        self.targets = buckets or [size] * len(records)
+        self.groups = groups or [0] * len(records)
+        self.batch_sizes = batch_sizes
         # Where its sample ids start: regularisation data starts far from the training data, so
         # that their samples' seeds (and noise) differ.
         self.first_id = first_id
-        # Each record's (width, height) target: its bucket, or the training size.
-        self.targets = buckets or [size] * len(records)
         self.unreadable: set[str] = set()  # keys already warned about
+
+    def batch_size(self, group: int, default: int) -> int:
+        """The batch size of a dataset: its own, or the run's."""
+        return self.batch_sizes[group] if self.batch_sizes else default
 
     def __len__(self) -> int:
         return len(self.records)
@@ -241,16 +265,20 @@ class TrainingData(torch.utils.data.Dataset):
         self, item: tuple[int, int]
     ) -> tuple[torch.Tensor, torch.Tensor, str, int, torch.Tensor]:
         """(image, time ids, caption, sample id, loss mask). A file that cannot be decoded (a
-        truncated JPEG, say) is skipped with one warning and the next record takes its place, so
-        that a bad file found mid-run never ends the run."""
+        truncated JPEG, say) is skipped with one warning and the next record of its kind takes
+        its place, so that a bad file found mid-run never ends the run."""
         i, sample_id = item
+        kind = (self.groups[i], self.targets[i])  # the batch's shape holds for the replacement
         for j in itertools.islice(itertools.count(i), len(self.records)):
             j %= len(self.records)
+            if (self.groups[j], self.targets[j]) != kind:
+                continue
             g = torch.Generator().manual_seed(sample_seed(self.seed, sample_id))
             # Caption dropout: the empty prompt, so the model also learns the unconditional branch
             # of classifier-free guidance. Drawn first, so it does not depend on the image.
-            dropped = torch.rand(1, generator=g).item() < self.caption_dropout
-            caption = "" if dropped else self.captions.apply(self.records[j].caption, g)
+            rules = self.rules[j]
+            dropped = torch.rand(1, generator=g).item() < rules.caption_dropout
+            caption = "" if dropped else rules.captions.apply(self.records[j].caption, g)
             try:
                 image, time_ids, mask = self.image(j, g)
             except UNREADABLE as e:
@@ -266,56 +294,83 @@ class TrainingData(torch.utils.data.Dataset):
     def image(self, i: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Record i's training input, time ids and loss mask, with its random crop and flip drawn
         from g (the mask is all ones unless the run trains with --masked_loss)."""
-        record = self.records[i]
+        record, rules = self.records[i], self.rules[i]
         mask = load_mask(record) if self.masked else None
         return prepare(
-            load_image(record), self.targets[i], self.center_crop, self.random_flip, g, mask
+            load_image(record), self.targets[i], rules.center_crop, rules.random_flip, g, mask
         )
+
+
+def joined(sets: list[TrainingData], batch_sizes: list[int], first_id: int = 0) -> TrainingData:
+    """Several datasets as one, each its own group with its own batch size."""
+    return TrainingData(
+        [r for d in sets for r in d.records],
+        sets[0].size,
+        rules=[x for d in sets for x in d.rules],
+        seed=sets[0].seed,
+        buckets=[t for d in sets for t in d.targets],
+        masked=sets[0].masked,
+        first_id=first_id,
+        groups=[k for k, d in enumerate(sets) for _ in d.records],
+        batch_sizes=tuple(batch_sizes),
+    )
 
 
 REGULARISATION_IDS = 2**40  # the first sample id of the regularisation data
 
 
-def datasets(
-    spec: DataSpec, train: list[Record], val: list[Record], reg: list[Record]
-) -> tuple[TrainingData, TrainingData, TrainingData | None]:
-    """The run's training, validation and regularisation data, shaped by the spec: repeats,
-    buckets (each set its own), crops, flips, caption rules and dropout, loss masks. The
-    validation data is each record once, centre-cropped, as its captions say."""
-    rules = CaptionRules(
-        shuffle=spec.shuffle_caption,
-        keep_tokens=spec.keep_tokens,
-        separator=spec.caption_separator,
-        tag_dropout=spec.caption_tag_dropout_rate,
+def caption_rules(spec: DataSpec | SubsetSpec) -> SampleRules:
+    """The sample rules a folder's flags, or a dataset config's subset, give."""
+    return SampleRules(
+        center_crop=spec.center_crop,
+        random_flip=spec.random_flip,
+        caption_dropout=spec.caption_dropout,
+        captions=CaptionRules(
+            shuffle=spec.shuffle_caption,
+            keep_tokens=spec.keep_tokens,
+            separator=spec.caption_separator,
+            tag_dropout=spec.caption_tag_dropout_rate,
+        ),
     )
 
-    def shaped(records: list[Record], first_id: int = 0) -> TrainingData:
-        records = with_repeats(records)
-        return TrainingData(
-            records,
-            spec.size,
-            center_crop=spec.center_crop,
-            random_flip=spec.random_flip,
-            caption_dropout=spec.caption_dropout,
-            seed=spec.seed,
-            buckets=assign_buckets(records, spec.size) if spec.bucket else None,
-            captions=rules,
-            masked=spec.masked_loss,
-            first_id=first_id,
-        )
 
-    val_data = TrainingData(
-        val, spec.size, center_crop=True, seed=spec.seed, masked=spec.masked_loss
+def shaped(
+    pairs: list[tuple[Record, SampleRules]],
+    size: tuple[int, int],
+    bucket: bool,
+    spec: DataSpec,
+    first_id: int = 0,
+) -> TrainingData:
+    """Training data of (record, rules) pairs: each record as often as it repeats, in its bucket
+    (or at `size`)."""
+    pairs = [pair for pair in pairs for _ in range(pair[0].repeats)]
+    records = [r for r, _ in pairs]
+    return TrainingData(
+        records,
+        size,
+        rules=[rules for _, rules in pairs],
+        seed=spec.seed,
+        buckets=assign_buckets(records, size) if bucket else None,
+        masked=spec.masked_loss,
+        first_id=first_id,
     )
-    return shaped(train), val_data, shaped(reg, REGULARISATION_IDS) if reg else None
+
+
+def validation_data(records: list[Record], size: tuple[int, int], spec: DataSpec) -> TrainingData:
+    """Each validation record once, centre-cropped, as its caption says."""
+    return TrainingData(
+        records, size, rules=SampleRules(center_crop=True), seed=spec.seed, masked=spec.masked_loss
+    )
 
 
 def read_data(
     spec: DataSpec,
 ) -> tuple[list[Record], TrainingData, TrainingData, TrainingData | None]:
     """Scan the spec's folders (with the scan index in the cache folder), hold out the validation
-    split, and shape the sets (`datasets`): (training records, training, validation and
-    regularisation data)."""
+    split, and shape the sets: (training records, training, validation and regularisation data).
+    With a kohya dataset config, `read_datasets`."""
+    if spec.datasets:
+        return read_datasets(spec)
     index = (spec.cache_dir or cache_root() / "cache") / "scan"
     records = scan(spec.data_dir, index, caption_extension=spec.caption_extension)
     reg = (
@@ -326,7 +381,115 @@ def read_data(
     if spec.masked_loss:
         check_masks(records, spec.data_dir)
     train, val = split_validation(records, spec.validation_split, spec.seed)
-    return (records, *datasets(spec, train, val, reg))
+    rules = caption_rules(spec)
+    return (
+        records,
+        shaped([(r, rules) for r in train], spec.size, spec.bucket, spec),
+        validation_data(val, spec.size, spec),
+        (
+            shaped([(r, rules) for r in reg], spec.size, spec.bucket, spec, REGULARISATION_IDS)
+            if reg
+            else None
+        ),
+    )
+
+
+def read_datasets(
+    spec: DataSpec,
+) -> tuple[list[Record], TrainingData, TrainingData, TrainingData | None]:
+    """`read_data` for the datasets of a kohya dataset config: each subset scanned with its own
+    caption options and rules, each dataset's validation split held out, and the datasets joined
+    (each keeps its size, buckets and batch size). The `is_reg` subsets of all datasets are the
+    regularisation data, paired with the training steps as --reg_data_dir's are."""
+    index = (spec.cache_dir or cache_root() / "cache") / "scan"
+    records: list[Record] = []
+    train, val, reg = [], [], []  # (dataset, its data)
+    for k, dataset in enumerate(spec.datasets):
+        pairs: dict[bool, list[tuple[Record, SampleRules]]] = {False: [], True: []}
+        for subset in dataset.subsets:
+            found = subset_records(subset, index)
+            if spec.masked_loss and found:
+                check_masks(found, subset.image_dir)
+            pairs[subset.is_reg] += [(r, caption_rules(subset)) for r in found]
+        kept, held = split_validation(pairs[False], dataset.validation_split, spec.seed)
+        records += [r for r, _ in pairs[False]]
+        train.append((k, shaped(kept, dataset.size, dataset.bucket, spec)))
+        val.append((k, validation_data([r for r, _ in held], dataset.size, spec)))
+        if pairs[True]:
+            reg.append((k, shaped(pairs[True], dataset.size, dataset.bucket, spec)))
+    if not records:
+        raise DataError("the dataset config's subsets hold no training images (only is_reg "
+                        "ones); give a subset without is_reg")  # fmt: skip
+
+    def join(sets: list[tuple[int, TrainingData]], first_id: int = 0) -> TrainingData:
+        sizes = [spec.datasets[k].batch_size for k, _ in sets]
+        return joined([d for _, d in sets], sizes, first_id)
+
+    return (
+        records,
+        join(train),
+        join(val),
+        join(reg, REGULARISATION_IDS) if reg else None,
+    )
+
+
+def subset_records(subset: SubsetSpec, index: Path) -> list[Record]:
+    """A dataset-config subset's records: the images directly in its folder, captioned by their
+    caption files (or `class_tokens`), or by its metadata file; with its prefix, suffix and
+    repeats, and the folder's name as their concept."""
+    if subset.num_repeats == 0:
+        log.warning("%s: num_repeats = 0, so its images are left out", subset.image_dir)
+        return []
+    metadata = subset.metadata_file
+    found = scan(
+        subset.image_dir,
+        index,
+        caption_extension=subset.caption_extension,
+        subfolders=False,
+        class_tokens="" if metadata else subset.class_tokens,
+    )
+    if metadata is not None:
+        found = with_metadata(found, metadata, subset.image_dir, subset.caption_separator)
+    prefix = subset.caption_prefix + " " if subset.caption_prefix else ""
+    suffix = " " + subset.caption_suffix if subset.caption_suffix else ""
+    return [
+        replace(
+            r,
+            caption=prefix + r.caption + suffix,
+            repeats=subset.num_repeats,
+            concept=subset.image_dir.name,
+        )
+        for r in found
+    ]
+
+
+def with_metadata(records: list[Record], path: Path, folder: Path, separator: str) -> list[Record]:
+    """kohya's fine-tuning metadata (JSON {image: {"caption", "tags"}}, or JSONL lines with
+    "image_path"): the records it names, captioned "caption<separator>tags". An image is named by
+    its path (absolute, or from the folder) with or without its extension."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        if path.suffix.lower() == ".jsonl":
+            lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+            table = {line["image_path"]: line for line in lines}
+        else:
+            table = json.loads(text)
+        entries = {
+            (Path(key) if Path(key).is_absolute() else folder / key).resolve(): value
+            for key, value in table.items()
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"metadata_file {path}: not kohya's metadata JSON ({e!r})") from None
+    named = []
+    for r in records:
+        where = r.path.resolve()
+        entry = entries.get(where, entries.get(where.with_suffix("")))
+        if isinstance(entry, dict):
+            parts = [entry.get("caption") or "", entry.get("tags") or ""]
+            named.append(replace(r, caption=separator.join(p for p in parts if p)))
+    if not named:
+        raise DataError(f"metadata_file {path} names none of the images in {folder}")
+    return named
 
 
 def check_masks(records: list[Record], folder: Path) -> None:
@@ -370,7 +533,8 @@ def paired_steps(
         return itertools.repeat([])
     per_epoch = steps_per_epoch(reg, batch_size, dist.world, grad_accum)
     epoch, done = divmod(step, per_epoch)
-    position = done * batch_size * dist.world * grad_accum
+    _, chunks = epoch_chunks(reg, batch_size, epoch, dist.world)
+    position = sum(len(c) for c in chunks[: done * grad_accum])
     steps = optimizer_steps(reg, batch_size, grad_accum, epoch, position, dist, workers)
     return (micro for micro, _, _ in steps)
 
@@ -385,6 +549,30 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
 
 
+def epoch_chunks(
+    data: TrainingData, batch_size: int, epoch: int, world: int
+) -> tuple[list[int], list[list[int]]]:
+    """One epoch's shuffled order, and its global batches: lists of positions in that order.
+
+    The order is cut into global batches of a dataset's batch size x `world` samples, each from one
+    dataset and bucket (all samples share one size when there are no buckets), and the global
+    batches are shuffled. Samples that do not fill a global batch of their kind are dropped."""
+    order = epoch_order(len(data), data.seed, epoch)
+    by_kind: dict[tuple[int, tuple[int, int]], list[int]] = {}
+    for p, i in enumerate(order):
+        by_kind.setdefault((data.groups[i], data.targets[i]), []).append(p)
+    chunks = []
+    for (group, _), positions in by_kind.items():
+        n = data.batch_size(group, batch_size) * world
+        chunks += [positions[b : b + n] for b in range(0, len(positions) - n + 1, n)]
+    if len(by_kind) > 1:  # interleave the buckets and datasets
+        perm = torch.randperm(
+            len(chunks), generator=torch.Generator().manual_seed(data.seed * 31 + epoch)
+        )
+        chunks = [chunks[k] for k in perm.tolist()]
+    return order, chunks
+
+
 def batches(
     data: TrainingData,
     batch_size: int,
@@ -394,35 +582,17 @@ def batches(
     world: int = 1,
     workers: int = 0,
 ) -> Iterator[Batch]:
-    """This process's batches of one epoch, from sample `start` of the epoch (a resumed epoch).
-
-    The epoch's shuffled order is cut into global batches of `batch_size * world` samples, each from
-    one bucket (all samples share one size when there are no buckets), and the global batches are
-    shuffled; process `rank` takes its slice of each. So the data seen per step does not depend on
-    how many processes share it. Samples that do not fill a global batch of their bucket are dropped.
-    """
-    order = epoch_order(len(data), data.seed, epoch)
-    global_batch = batch_size * world
-    by_target: dict[tuple[int, int], list[int]] = {}
-    for p, i in enumerate(order):
-        by_target.setdefault(data.targets[i], []).append(p)
-    chunks = [
-        positions[b : b + global_batch]
-        for positions in by_target.values()
-        for b in range(0, len(positions) - global_batch + 1, global_batch)
-    ]
-    if len(by_target) > 1:  # interleave the buckets
-        perm = torch.randperm(
-            len(chunks), generator=torch.Generator().manual_seed(data.seed * 31 + epoch)
-        )
-        chunks = [chunks[k] for k in perm.tolist()]
-    sampler = [
-        [
-            (order[p], data.first_id + epoch * len(order) + p)
-            for p in chunk[rank * batch_size : (rank + 1) * batch_size]
-        ]
-        for chunk in chunks[start // global_batch :]
-    ]
+    """This process's batches of one epoch (`epoch_chunks`), from sample `start` of the epoch (a
+    resumed epoch): process `rank` takes its slice of each global batch, so the data seen per step
+    does not depend on how many processes share it."""
+    order, chunks = epoch_chunks(data, batch_size, epoch, world)
+    ends = list(itertools.accumulate(len(c) for c in chunks))
+    first = bisect.bisect_right(ends, start)  # a resumed epoch: the global batches taken
+    sampler = []
+    for chunk in chunks[first:]:
+        b = len(chunk) // world
+        ids = [(order[p], data.first_id + epoch * len(order) + p) for p in chunk]
+        sampler.append(ids[rank * b : (rank + 1) * b])
     loader = torch.utils.data.DataLoader(
         data, batch_sampler=sampler, num_workers=workers, collate_fn=collate
     )
@@ -430,12 +600,14 @@ def batches(
 
 
 def steps_per_epoch(data: TrainingData, batch_size: int, world: int, grad_accum: int) -> int:
-    """Optimizer steps in one epoch: full global batches of each bucket, then full accumulations
-    (an incomplete accumulation at the end of the epoch is dropped)."""
-    counts: dict[tuple[int, int], int] = {}
-    for t in data.targets:
-        counts[t] = counts.get(t, 0) + 1
-    global_batches = sum(n // (batch_size * world) for n in counts.values())
+    """Optimizer steps in one epoch: full global batches of each dataset and bucket, then full
+    accumulations (an incomplete accumulation at the end of the epoch is dropped)."""
+    counts: dict[tuple[int, tuple[int, int]], int] = {}
+    for kind in zip(data.groups, data.targets):
+        counts[kind] = counts.get(kind, 0) + 1
+    global_batches = sum(
+        n // (data.batch_size(group, batch_size) * world) for (group, _), n in counts.items()
+    )
     steps = global_batches // grad_accum
     if steps == 0:
         raise DataError(
@@ -458,24 +630,31 @@ def optimizer_steps(
     without end. Yields (micro-batches, epoch, position): the step's `grad_accum` batches of this
     process, and where the run stands after the step (the next epoch and 0 after an epoch's last
     step). `position` counts the samples of the epoch's order consumed by all processes."""
-    per_step = batch_size * dist.world * grad_accum
-    per_epoch = steps_per_epoch(data, batch_size, dist.world, grad_accum) * per_step
+    per_epoch = steps_per_epoch(data, batch_size, dist.world, grad_accum)
     while True:
+        _, chunks = epoch_chunks(data, batch_size, epoch, dist.world)
+        ends = list(itertools.accumulate(len(c) for c in chunks))
+        done = bisect.bisect_right(ends, position)  # global batches already taken
         loader = batches(data, batch_size, epoch, position, dist.rank, dist.world, workers)
-        while position < per_epoch:
+        for step in range(done // grad_accum, per_epoch):
             micro = [next(loader) for _ in range(grad_accum)]
-            position += per_step
-            epoch_done = position == per_epoch
+            epoch_done = step == per_epoch - 1
+            position = ends[(step + 1) * grad_accum - 1]
             yield micro, epoch + epoch_done, 0 if epoch_done else position
         epoch, position = epoch + 1, 0
 
 
 def fixed_batches(data: TrainingData, batch_size: int) -> list[Batch]:
-    """Every item once, in order, each with its index as sample id (validation)."""
-    return [
-        collate([data[(i, i)] for i in range(s, min(s + batch_size, len(data)))])
-        for s in range(0, len(data), batch_size)
-    ]
+    """Every item once, in order, each with its index as sample id (validation); a batch holds
+    items of one dataset and size."""
+    runs = itertools.groupby(range(len(data)), key=lambda i: (data.groups[i], data.targets[i]))
+    out = []
+    for (group, _), items in runs:
+        indices, n = list(items), data.batch_size(group, batch_size)
+        out += [
+            collate([data[(i, i)] for i in indices[s : s + n]]) for s in range(0, len(indices), n)
+        ]
+    return out
 
 
 def collate(items: list[tuple[torch.Tensor, torch.Tensor, str, int, torch.Tensor]]) -> Batch:

@@ -60,13 +60,10 @@ class Phases(Protocol):
 
 
 def estimate_training(
-    specs: TrainSpecs,
-    model: Path,
-    size: tuple[int, int] | None = None,
-    validation: Validation = Validation(),
+    specs: TrainSpecs, model: Path, validation: Validation = Validation()
 ) -> MemoryTrace:
-    """The run's phases traced (MemoryTrace.report() prints them). `size`: the largest (width,
-    height) a batch has (a bucket's; default the spec's size)."""
+    """The run's phases traced (MemoryTrace.report() prints them), with batches of the data
+    spec's size and batch size (`at_largest` makes them the run's largest batch)."""
     precision = resolve_precision(specs.step.precision, torch.device("cuda"), specs.adapter is None)
     parts = config_parts(
         model,
@@ -80,7 +77,7 @@ def estimate_training(
     trace = MemoryTrace()
     quiet = contextlib.redirect_stdout(io.StringIO())  # the run's own lines (adapters, graphs)
     with quiet, trace, simulated_cuda_graphs(trace):
-        run_phases(specs, parts, precision, dist, size or specs.data.size, validation, trace)
+        run_phases(specs, parts, precision, dist, specs.data.size, validation, trace)
     return trace
 
 
@@ -108,7 +105,7 @@ def run_phases(
         specs, parts, precision, dist, [None] * 3, steps, prompts, make_encoders
     )
     accumulation = specs.data.gradient_accumulation_steps
-    reg = [batch] * accumulation if specs.data.reg_data_dir else []
+    reg = [batch] * accumulation if specs.data.regularised else []
     with phases.phase("step 1: the micro-steps and the update (warm-up, capture)"):
         train_step(tr, [batch] * accumulation, reg)
     with phases.phase(f"steps 2-{steps} (replays)" if steps > 2 else "step 2 (replays)"):
@@ -176,13 +173,35 @@ def synthetic_batch(spec: DataSpec, width: int, height: int, caption: str) -> Ba
 # ---------------------------------------------------------------------------------------------
 
 
-def largest_size(spec: DataSpec) -> tuple[int, int]:
-    """The largest (width, height) a batch of the run has: with buckets, the largest bucket the
-    data folder's images fall into (when the folder is there), else the training size."""
-    if not (spec.bucket and spec.data_dir.is_dir()):
-        return spec.size
-    records = scan(spec.data_dir, (spec.cache_dir or cache_root() / "cache") / "scan")
-    return max(set(assign_buckets(records, spec.size)), key=lambda s: s[0] * s[1])
+def at_largest(specs: TrainSpecs) -> TrainSpecs:
+    """The specs with the data's size and batch size those of the run's largest batch: with
+    buckets, the largest bucket the images fall into (when their folders are there); with a
+    dataset config, the dataset whose largest batch has the most pixels."""
+    data, index = specs.data, (specs.data.cache_dir or cache_root() / "cache") / "scan"
+    scans = [
+        functools.partial(scan, data.data_dir, index, caption_extension=data.caption_extension)
+    ]
+    kinds = [(data.size, data.batch_size, data.bucket, [data.data_dir], scans)]
+    if data.datasets:  # (a subset reads its folder's own images)
+        kinds = [
+            (d.size, d.batch_size, d.bucket, [s.image_dir for s in d.subsets], [
+                functools.partial(scan, s.image_dir, index, caption_extension=s.caption_extension,
+                                  subfolders=False, class_tokens=s.class_tokens)
+                for s in d.subsets
+            ])
+            for d in data.datasets
+        ]  # fmt: skip
+    largest = []
+    for size, batch_size, bucket, folders, scans in kinds:
+        sizes = [size]
+        if bucket and all(f.is_dir() for f in folders):
+            sizes = list(set(assign_buckets([r for read in scans for r in read()], size)))
+        top = max(sizes, key=lambda s: s[0] * s[1])
+        largest.append((top[0] * top[1] * batch_size, top, batch_size))
+    _, size, batch_size = max(largest)
+    return dataclasses.replace(
+        specs, data=dataclasses.replace(data, size=size, batch_size=batch_size)
+    )
 
 
 # The flag changes tried, in order, when a run does not fit the card: (flags, specs changed).
@@ -201,14 +220,19 @@ ALTERNATIVES: list[tuple[str, Callable[[TrainSpecs], TrainSpecs | None]]] = [
         lambda s: _step(s, gradient_checkpointing=True, checkpoint_interval=1),
     ),
     ("--cuda_graph off", lambda s: _step(s, cuda_graph="off")),
-    ("--image_size 768", lambda s: _data(s, size=(768, 768)) if max(s.data.size) > 768 else None),
-    ("--image_size 512", lambda s: _data(s, size=(512, 512)) if max(s.data.size) > 512 else None),
+    ("--image_size 768", lambda s: _smaller(s, 768)),
+    ("--image_size 512", lambda s: _smaller(s, 512)),
 ]
 
 
 def _data(s: TrainSpecs, **changes: Any) -> TrainSpecs | None:
     new = dataclasses.replace(s, data=dataclasses.replace(s.data, **changes))
     return None if new == s else new
+
+
+def _smaller(s: TrainSpecs, side: int) -> TrainSpecs | None:
+    """A smaller training size (a dataset config sets its datasets' sizes itself)."""
+    return _data(s, size=(side, side)) if max(s.data.size) > side and not s.data.datasets else None
 
 
 def _step(s: TrainSpecs, **changes: Any) -> TrainSpecs | None:
@@ -233,8 +257,7 @@ def check_fits(
         other = change(specs)
         if other is None:
             continue
-        size = largest_size(other.data) if other.data.size != specs.data.size else None
-        peak = estimate_training(other, model, size, validation).peak
+        peak = estimate_training(at_largest(other), model, validation).peak
         if peak <= total:
             fits.append(f"{flags} ({peak / GiB:.1f} GiB)")
         if len(fits) == 2:
@@ -249,7 +272,7 @@ def check_fits(
 def report(specs: TrainSpecs, model_name: str, validation: Validation) -> str:
     """--estimate_memory's table: the run's phases and the predicted max_memory_reserved."""
     model, note = model_configs(model_name)
-    trace = estimate_training(specs, model, largest_size(specs.data), validation)
+    trace = estimate_training(at_largest(specs), model, validation)
     return "\n".join([note, trace.report()]).strip()
 
 
@@ -258,7 +281,7 @@ def predict_on_cuda(
 ) -> int:
     """At the start of a run on a GPU: the predicted max_memory_reserved, printed in one line; a
     run that would not fit the card stops here (`check_fits`)."""
-    trace = estimate_training(specs, model, largest_size(specs.data), validation)
+    trace = estimate_training(at_largest(specs), model, validation)
     total = torch.cuda.get_device_properties(device).total_memory
     print(
         f"memory preflight: predicted max_memory_reserved {trace.peak / GiB:.2f} GiB of the "

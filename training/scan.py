@@ -49,7 +49,7 @@ from sdxl.files import write_json
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-INDEX_VERSION = 3
+INDEX_VERSION = 4
 MASK_SUFFIX = ".mask.png"
 _REPEATS = re.compile(r"(\d+)_(.+)")  # kohya's "10_name" folders
 # kohya's repeat folders count 1 to about 100; a larger number is more likely a date or a year.
@@ -109,16 +109,19 @@ def _stamp(path: Path) -> list[int]:
 
 
 def _scan_image(path: Path, caption_extension: str = ".txt") -> dict:
-    """One image of a folder: its size and caption, or why it is skipped."""
-    caption_file = path.with_suffix(caption_extension)
-    if not caption_file.is_file():
-        return {"skip": f"skipping {path}: no caption file {caption_file.name}"}
+    """One image of a folder: its size, caption and mask, or why it is skipped (an image without
+    a caption file keeps its size: kohya's class_tokens can caption it)."""
     try:
         w, h = image_size(path)
     except Exception:
         return {"skip": f"skipping {path}: not a readable image"}
-    caption, warning = decode_caption(caption_file.read_bytes(), str(caption_file))
-    entry: dict = {"size": [w, h], "caption": caption, "warnings": [warning] if warning else []}
+    caption_file = path.with_suffix(caption_extension)
+    entry: dict = {"size": [w, h], "warnings": []}
+    if not caption_file.is_file():
+        entry["skip"] = f"skipping {path}: no caption file {caption_file.name}"
+    else:
+        entry["caption"], warning = decode_caption(caption_file.read_bytes(), str(caption_file))
+        entry["warnings"] += [warning] if warning else []
     mask = path.with_name(path.stem + MASK_SUFFIX)
     if mask.is_file():
         try:
@@ -214,9 +217,9 @@ def check_data_dir(data_dir: str | Path) -> None:
         )
 
 
-def _candidates(folder: Path):
+def _candidates(folder: Path, subfolders: bool = True):
     """The folder's image files, in it and its subfolders (not hidden ones), masks aside."""
-    for path in folder.rglob("*"):
+    for path in folder.rglob("*") if subfolders else folder.glob("*"):
         hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
         image = path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.endswith(MASK_SUFFIX)
         if image and not hidden and path.is_file():
@@ -228,14 +231,18 @@ def scan(
     index_dir: Path | None = None,
     workers: int | None = None,
     caption_extension: str = ".txt",
+    subfolders: bool = True,
+    class_tokens: str | None = None,
 ) -> list[Record]:
     """Every usable (image, caption) pair, sorted by key, with a summary line printed. With
-    `index_dir`, results are reused from (and saved to) the index there."""
+    `index_dir`, results are reused from (and saved to) the index there. kohya's dataset-config
+    subsets read only the folder's own images (`subfolders=False`: no shards, no repeat folders),
+    and caption an image without a caption file with `class_tokens`, if given."""
     check_data_dir(data_dir)
     folder = Path(data_dir)
     start = time.perf_counter()
-    shards = sorted(folder.glob("*.tar"))
-    sources = shards or sorted(_candidates(folder))
+    shards = sorted(folder.glob("*.tar")) if subfolders else []
+    sources = shards or sorted(_candidates(folder, subfolders))
     names = {p: p.relative_to(folder).as_posix() for p in sources}
     index_path = _index_path(folder, index_dir, caption_extension)
     old = _read_index(index_path)
@@ -263,6 +270,8 @@ def scan(
     records, skipped, lost, damaged = [], 0, 0, 0
     for path in sources:
         entry = entries[names[path]]
+        if class_tokens is not None and "size" in entry and "caption" not in entry:
+            entry = {k: v for k, v in entry.items() if k != "skip"} | {"caption": class_tokens}
         for warning in entry.get("warnings", []) + ([entry["skip"]] if "skip" in entry else []):
             log.warning(warning)
         if shards:

@@ -13,8 +13,43 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class SubsetSpec:
+    """One folder of a dataset, as kohya's dataset config writes it ([[datasets.subsets]]): its
+    images (directly in `image_dir`), captions and how its samples are drawn."""
+
+    image_dir: Path
+    metadata_file: Path | None = None  # kohya's fine-tuning subsets: captions from a JSON file
+    num_repeats: int = 1
+    is_reg: bool = False  # regularisation images (DreamBooth's prior preservation)
+    class_tokens: str | None = None  # the caption of an image without a caption file
+    caption_extension: str = ".txt"
+    caption_prefix: str = ""
+    caption_suffix: str = ""
+    center_crop: bool = False  # kohya's random_crop = false
+    random_flip: bool = False  # kohya's flip_aug
+    caption_dropout: float = 0.0  # kohya's caption_dropout_rate
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_separator: str = ","
+    caption_tag_dropout_rate: float = 0.0
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One of kohya's [[datasets]]: subsets that share a size, buckets and batch size. Every
+    batch comes from one dataset; a run interleaves its datasets' batches."""
+
+    subsets: tuple[SubsetSpec, ...]
+    size: tuple[int, int] = (1024, 1024)  # (width, height)
+    bucket: bool = False
+    batch_size: int = 1  # per process
+    validation_split: float = 0.0
+
+
+@dataclass(frozen=True)
 class DataSpec:
-    """What the run trains on, and how each sample is drawn from it."""
+    """What the run trains on, and how each sample is drawn from it: a folder (`data_dir`), or
+    the datasets of a kohya dataset config (`datasets`, which then replace the folder options)."""
 
     data_dir: Path
     reg_data_dir: Path | None = None  # regularisation images (DreamBooth's prior preservation)
@@ -38,6 +73,13 @@ class DataSpec:
     batch_size: int = 1  # per process
     gradient_accumulation_steps: int = 1
     seed: int = 0  # data order, crops, flips, and each sample's noise and timestep
+    datasets: tuple[DatasetSpec, ...] = ()  # --dataset_config
+
+    @property
+    def regularised(self) -> bool:
+        """Whether the run has regularisation images."""
+        subsets = (s for d in self.datasets for s in d.subsets)
+        return self.reg_data_dir is not None or any(s.is_reg for s in subsets)
 
 
 @dataclass(frozen=True)

@@ -134,12 +134,12 @@ class MetricsLog:
 class Timer:
     """Images per second of each step, from the time since the previous call."""
 
-    def __init__(self, images_per_step: int):
-        self.images, self.tick = images_per_step, time.perf_counter()
+    def __init__(self) -> None:
+        self.tick = time.perf_counter()
 
-    def images_per_s(self) -> float:
+    def images_per_s(self, images: int) -> float:
         tock, self.tick = self.tick, time.perf_counter()
-        return self.images / (self.tick - tock)
+        return images / (self.tick - tock)
 
 
 class StopSignals:
