@@ -21,12 +21,12 @@ from training.data_loader import (
     SampleRules,
     TrainingData,
     prepare,
+    shaped,
     steps_per_epoch,
-    with_repeats,
 )
 from training.loss import debiased_weight, elementwise_loss, min_snr_weight, training_loss
 from training.scan import DataError, scan
-from training.specs import AdapterSpec, LossSpec, OptimizerSpec, StepSpec
+from training.specs import AdapterSpec, DataSpec, LossSpec, OptimizerSpec, StepSpec
 
 
 def run(tiny_model, out, *extra, data=None):
@@ -351,7 +351,7 @@ def test_repeat_folders_multiply_the_epoch(tmp_path):
         "3_cat",
         "misc",
     )
-    data = TrainingData(with_repeats(records), 32)
+    data = shaped([(r, SampleRules()) for r in records], (32, 32), False, DataSpec(tmp_path))
     assert len(data) == 2 * 10 + 1 * 3 + 2 and steps_per_epoch(data, 5, 1, 1) == 5
 
 

@@ -53,6 +53,9 @@ def test_timesteps_cover_the_schedule_uniformly():
 def test_every_drawn_timestep_lies_in_the_range(sampling, low, high):
     t = noise.timesteps(torch.arange(20_000, dtype=torch.int64), low, high, sampling, 0.0, 2.0)
     assert t.min() >= low and t.max() <= high - 1
+    # a sample's timestep is its own: the same in any batch (any batch size, any process)
+    some = torch.tensor([7, 19_999, 3], dtype=torch.int64)
+    assert torch.equal(noise.timesteps(some, low, high, sampling, 0.0, 2.0), t[some])
     if sampling == "uniform":  # both ends are reached
         assert t.min() == low and t.max() == high - 1
 

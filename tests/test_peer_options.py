@@ -177,7 +177,7 @@ def dataset_argv(tiny_model, out, config, *extra):
     return argv[:i] + argv[i + 2 :]
 
 
-def test_kohyas_documented_dataset_config_reads_as_kohya_reads_it(tmp_path):
+def test_kohyas_documented_dataset_config_reads_as_kohya_reads_it_and_trains(tiny_model, tmp_path):
     config = kohya_example(tmp_path)
     defaults = command_line_defaults(
         train_sdxl.parse_args(dataset_argv(tmp_path, tmp_path, config))
@@ -202,6 +202,15 @@ def test_kohyas_documented_dataset_config_reads_as_kohya_reads_it(tmp_path):
     assert sorted({r.caption for r in reg.records}) == ["human"]
     assert len(data) == 8 + 3 and data.batch_sizes == (4, 2)
     assert {(g, t) for g, t in zip(data.groups, data.targets)} == {(0, (64, 64)), (1, (32, 32))}
+
+    # and it trains: an epoch is 2 batches of 4 at 64 px and 1 of 2 at 32 px, each paired with a
+    # regularisation batch of 4
+    out = tmp_path / "run"
+    last = train_sdxl.main(train_sdxl.parse_args(dataset_argv(tiny_model, out, config)))
+    assert load_checkpoint(last)["step"] == 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["reg_loss"] > 0 for r in rows)
+    assert sorted(r["images_per_s"] > 0 for r in rows) == [True] * 3
 
 
 def test_keys_this_project_lacks_are_named_once_and_unknown_ones_refused(tmp_path):

@@ -194,12 +194,6 @@ class SampleRules:
     captions: CaptionRules = PLAIN_CAPTIONS
 
 
-def with_repeats(records: list[Record]) -> list[Record]:
-    """Each record as many times as its folder repeats it (kohya's "10_name" folders): an epoch
-    sees it that often, each time with its own crop, flip and noise."""
-    return [r for r in records for _ in range(r.repeats)]
-
-
 def split_validation(records: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
     """The training records and a fixed validation subset (the same for every run with this seed)."""
     if fraction <= 0:
@@ -341,8 +335,9 @@ def shaped(
     spec: DataSpec,
     first_id: int = 0,
 ) -> TrainingData:
-    """Training data of (record, rules) pairs: each record as often as it repeats, in its bucket
-    (or at `size`)."""
+    """Training data of (record, rules) pairs: each record as often as it repeats (kohya's "10_name"
+    folders, or num_repeats: an epoch sees it that often, each time with its own crop, flip and
+    noise), in its bucket (or at `size`)."""
     pairs = [pair for pair in pairs for _ in range(pair[0].repeats)]
     records = [r for r, _ in pairs]
     return TrainingData(
