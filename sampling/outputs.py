@@ -11,10 +11,9 @@ processes can share a run, any of them can be killed at any moment, and a rerun 
 Encoding (PNG compression is the slow part) runs in a small pool of threads, so that the GPU does
 not wait for it: `submit` returns at once, and at most `depth` images wait their turn.
 
-`write_index` writes `annotations/captions.json` at the end of a run: a COCO captions file
-(`images` with id, file_name, width and height; `annotations` with id, image_id and caption) that
-pycocotools and torchvision's CocoCaptions read; for shards, `annotations/index.json` lists each
-shard's keys.
+`write_index` writes the index files at the end of a run: for a folder, a COCO captions file and
+the `metadata.jsonl` that Hugging Face `datasets` reads; for shards, a parquet file beside each shard
+(one row per sample) and `annotations/index.json`.
 """
 
 from __future__ import annotations
@@ -162,40 +161,90 @@ class ShardWriter:
             self.pool.shutdown()
 
 
+def index_row(key: str, files: list[str], meta: dict) -> dict:
+    """One sample's row in the index files: its key and files, its caption, size and seed, and the
+    rest of how it was made (the prompt row's extra columns among them). Lists and other nested
+    values are JSON text, so that every row of a parquet column has one type."""
+    row = {"key": key, "file_name": files[0], "files": " ".join(files), "caption": meta["prompt"]}
+    for name, value in meta.items():
+        if name != "prompt":
+            plain = value is None or isinstance(value, str | int | float | bool)
+            row[name] = value if plain else json.dumps(value)
+    return row
+
+
+def write_parquet(rows: list[dict], path: Path) -> None:
+    """One row per sample, columns as in `index_row`: every column any row has (empty where a row
+    lacks it), and a column whose rows disagree on a type written as JSON text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    columns = {name: [row.get(name) for row in rows] for name in names}
+    for name, values in columns.items():
+        if len({type(v) for v in values if v is not None}) > 1:
+            columns[name] = [None if v is None else json.dumps(v) for v in values]
+    with atomic_write(path) as tmp:
+        pq.write_table(pa.table(columns), tmp)
+
+
+def shard_rows(path: Path) -> list[dict]:
+    """A finished shard's index rows, from its members' JSON (what the images were made with)."""
+    samples: dict[str, dict] = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, _, ext = member.name.partition(".")
+            entry = samples.setdefault(key, {"files": []})
+            entry["files"].append(member.name)
+            if ext == "json":
+                entry["meta"] = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+    return [
+        index_row(key, sorted(e["files"], key=lambda f: f.endswith((".txt", ".json"))), e["meta"])
+        for key, e in sorted(samples.items())
+    ]
+
+
 def write_index(folder: Path, total: int, ext: str, shard_size: int | None) -> Path:
-    """The run's annotation files, from what is in the folder (written by the first process at the
-    end of every run, so a resumed run's index is whole)."""
+    """The run's index files, from what is in the folder (written by the first process at the end
+    of every run, so a resumed or extended run's index is whole):
+    - a folder: `annotations/captions.json`, a COCO captions file (`images` with id, file_name,
+      width and height; `annotations` with id, image_id and caption) that pycocotools and
+      torchvision's CocoCaptions read; and `metadata.jsonl`, a row per image (`file_name`, caption,
+      size, seed, ...), which Hugging Face `datasets` reads as an imagefolder's captions;
+    - shards: beside each `shard-N.tar`, `shard-N.parquet` with a row per sample (key, file names,
+      caption, size, seed, ...), as LAION's and NeMo Curator's layouts keep them (rewritten when
+      older than its shard); and `annotations/index.json`, each shard's keys."""
     annotations = folder / "annotations"
     annotations.mkdir(exist_ok=True)
     if shard_size is None:
-        images, captions = [], []
+        images, captions, rows = [], [], []
         for i in range(total):
             meta_file = folder / f"{i:05d}.json"
             if not (folder / f"{i:05d}.{ext}").exists() or not meta_file.exists():
                 continue
             meta = json.loads(meta_file.read_text())
-            images.append(
-                {
-                    "id": i,
-                    "file_name": f"{i:05d}.{ext}",
-                    "width": meta["width"],
-                    "height": meta["height"],
-                }
-            )
+            name = f"{i:05d}.{ext}"
+            images.append({"id": i, "file_name": name, "width": meta["width"], "height": meta["height"]})  # fmt: skip
             captions.append({"id": i, "image_id": i, "caption": meta["prompt"]})
+            rows.append(index_row(f"{i:05d}", [name, f"{i:05d}.txt", f"{i:05d}.json"], meta))
         coco = {
             "info": {"description": "generated by generate_images.py"},
             "images": images,
             "annotations": captions,
         }
+        with atomic_write(folder / "metadata.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
         write_json(coco, annotations / "captions.json")
         return annotations / "captions.json"
     shards = {}
     for k in range((total + shard_size - 1) // shard_size):
         path = folder / shard_name(k)
         if path.exists():
-            with tarfile.open(path) as tar:
-                shards[path.name] = sorted({m.name.split(".")[0] for m in tar.getmembers()})
+            rows = shard_rows(path)
+            shards[path.name] = [row["key"] for row in rows]
+            table = path.with_suffix(".parquet")
+            if not table.exists() or table.stat().st_mtime_ns < path.stat().st_mtime_ns:
+                write_parquet(rows, table)
     write_json(
         {"shard_size": shard_size, "images": total, "shards": shards}, annotations / "index.json"
     )
@@ -224,6 +273,7 @@ def claim_image_folder(out: Path, settings: dict, overwrite: bool) -> None:
         config,
         out / "annotations" / "captions.json",
         out / "annotations" / "index.json",
+        out / "metadata.jsonl",
         *made,
     ]:
         path.unlink(missing_ok=True)
