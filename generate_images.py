@@ -49,6 +49,7 @@ def main(args: argparse.Namespace) -> Path | int:
 
     from sampling.inference import generate_unique_batch
     from sampling.outputs import write_index
+    from sampling.quality import load_embedders
     from sdxl.checkpoint import recorded_base_model
     from sdxl.device import default_allocator, init_distributed, resolve_precision
     from sdxl.files import make_folder
@@ -66,6 +67,7 @@ def main(args: argparse.Namespace) -> Path | int:
     model_folder = resolve_model(base, half=precision.unet_dtype != torch.float32)
     for lora, _ in adapters:
         check_lora_fits(lora, model_folder)
+    scorers = load_embedders(args.clip_model) if args.evaluate is not None else None  # fail early
     predicted = None
     if dist.device.type == "cuda" and dist.main:  # stops here if the run would not fit the card
         predicted = predict_on_cuda(args, model_folder, adapters, jobs, dist.device)
@@ -128,6 +130,8 @@ def main(args: argparse.Namespace) -> Path | int:
                 f"{total} images in {elapsed:.1f} s: {total / max(elapsed, 1e-9):.2f} images/s "
                 f"({dist.world} processes) -> {out}; index {index}"
             )
+    if args.evaluate is not None:
+        evaluate_output(args, out, scorers, dist)
     if predicted is not None:  # the memory preflight against what this run took
         measured = torch.cuda.max_memory_reserved(dist.device) / 2**30
         print(
@@ -135,6 +139,15 @@ def main(args: argparse.Namespace) -> Path | int:
         )
     dist.close()
     return out
+
+
+def evaluate_output(args: argparse.Namespace, out: Path, nets: Any, dist: Any) -> None:
+    """--evaluate: the folder scored as evaluate_dataset.py scores it (every process embeds its
+    share; the first writes annotations/quality.json)."""
+    from sampling.quality import evaluate
+
+    reference = Path(args.evaluate) if args.evaluate else None
+    evaluate(out, reference, lambda: nets, dist, threshold=args.duplicate_threshold)
 
 
 def claim(out: Path, settings: dict, args: argparse.Namespace, dist: Any) -> Any:

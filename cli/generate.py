@@ -17,6 +17,7 @@ from cli.choices import (
     SAMPLER_NAMES,
     VAE_TILE_SIZE,
 )
+from cli.evaluate import add_evaluation_flags, check_evaluation
 from cli.options import (
     ANY,
     AT_LEAST_0,
@@ -110,6 +111,9 @@ def check_args(args: argparse.Namespace) -> None:
         check_model(args.pretrained_model, "--pretrained-model")
     check_folder(args.vae, "--vae")
     check_output_dir(args.output_dir, "--output-dir")
+    if args.evaluate is not None:
+        check_evaluation(args.evaluate or None, "--evaluate")
+        check_numbers(args, {"duplicate_threshold": FRACTION}, hyphens=True)
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -225,6 +229,18 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         help="torch.compile the UNet's ResNet and transformer blocks (a minute or two of "
         "compiling at the first batch, then fused kernels; pixels differ slightly)",
     )
+    g = p.add_argument_group("scoring the images made (uv sync --extra evaluate)")
+    g.add_argument(
+        "--evaluate",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="REF",
+        help="at the end, score the folder as evaluate_dataset.py does: against real images REF "
+        "(a folder, shards, or saved .npz statistics) for FID, KID, precision and recall; "
+        "without REF, CLIP score and diversity only",
+    )
+    add_evaluation_flags(g)
     p.add_argument(
         "--estimate-memory",
         action="store_true",

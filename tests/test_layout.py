@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["train_sdxl.py", "generate_images.py", "resume_training.py", "extract_lora_weights.py"]
+SCRIPTS = [
+    "train_sdxl.py",
+    "generate_images.py",
+    "resume_training.py",
+    "extract_lora_weights.py",
+    "evaluate_dataset.py",
+]
 LIBRARY = ("sdxl", "training", "sampling")
 
 # What each package may import from the project: the layers import downwards only. cli (the
@@ -101,7 +107,8 @@ def test_generation_imports_no_training_module():
 
 def test_the_command_lines_are_torch_free():
     loaded = imports_in_subprocess(
-        ["import cli.train", "import cli.generate", "import train_sdxl", "import generate_images"]
+        ["import cli.train", "import cli.generate", "import cli.evaluate"]
+        + ["import train_sdxl", "import generate_images", "import evaluate_dataset"]
     )
     assert "cli.train" in loaded and "torch" not in loaded
 
