@@ -371,8 +371,11 @@ def report(
         out["fid"] = fid(data.inception, reference)
         out["kid_mean"], out["kid_std"] = kid(data.inception, reference)
         out["kid_subset_size"] = min(1000, len(data.inception), len(reference))
-        out["precision"], out["recall"] = precision_recall(data.inception, reference)
         out["k_nearest"] = K_NEAREST
+        if min(len(data.inception), len(reference)) > K_NEAREST:
+            out["precision"], out["recall"] = precision_recall(data.inception, reference)
+        else:  # a k-th neighbour needs k others
+            print(f"note: precision and recall need more than {K_NEAREST} images in each set")
     captioned = [i for i, c in enumerate(data.captions) if c]
     if captioned:
         scores = clip_score(data.clip_images[captioned], data.clip_captions[captioned])

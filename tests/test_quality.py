@@ -307,10 +307,11 @@ def test_generate_images_evaluate_scores_the_run(nets, tiny_model, tmp_path, mon
     monkeypatch.setattr(sampling.quality, "load_embedders", lambda name: nets)
     ref = image_set(tmp_path / "ref", 6)
     out = tmp_path / "gen"
-    gen(tiny_model, out, "--prompt", "a red circle", "--num-images", "4", "--evaluate", str(ref))
+    gen(tiny_model, out, "--prompt", "a red circle", "--num-images", "3", "--evaluate", str(ref))
     numbers = json.loads((out / "annotations" / "quality.json").read_text())
-    assert numbers["images"] == 4 and numbers["reference_images"] == 6
+    assert numbers["images"] == 3 and numbers["reference_images"] == 6
     assert "fid" in numbers and numbers["vendi_per_prompt_mean"] >= 1
+    assert "precision" not in numbers  # 3 images: no 3rd neighbour among the others
     # without a reference: the CLIP score and diversity only
     gen(
         tiny_model,
