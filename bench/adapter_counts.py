@@ -1,7 +1,7 @@
 """Trainable adapter parameters of each adapter kind on the full-size SDXL (meta device, no weights).
 
 Prints a Markdown table (the one README.md lists): the UNet's adapters for each target mode, with
-conv LoRA and with DoRA, and the text encoders'. The same counts are printed at the start of
+conv LoRA, DoRA, LoHa and LoKr, and the text encoders'. The same counts are printed at the start of
 training by `describe_adapters`.
 
     uv run python bench/adapter_counts.py --rank 4
@@ -31,7 +31,12 @@ ROWS = [
     ("DoRA, attention (--use_dora)", {"target_mode": "attention", "kind": "dora"}, False),
     ("DoRA, all + conv", {"target_mode": "all", "kind": "dora", "conv": True}, False),
     ("LoRA, attention + text encoders", {"target_mode": "attention"}, True),
-]
+    ("LoHa, attention (--adapter loha)", {"target_mode": "attention", "kind": "loha"}, False),
+    ("LoHa, all + conv", {"target_mode": "all", "kind": "loha", "conv": True}, False),
+    ("LoKr, attention (--adapter lokr)", {"target_mode": "attention", "kind": "lokr"}, False),
+    ("LoKr, all + conv, --lokr_factor 16",
+     {"target_mode": "all", "kind": "lokr", "conv": True, "lokr_factor": 16}, False),
+]  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> None:

@@ -23,9 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.sgm_file import sgm_state_dict
 from bench.unet_step import proc_status
 from sdxl.pretrained import SDXL_CONFIGS
+from sdxl.single_file import sgm_state_dict
 
 
 def write_full_size(path: Path) -> None:

@@ -13,7 +13,7 @@ DOWNLOAD_HINT = (
 
 PRECISIONS = ("bf16", "fp16", "fp32")  # sdxl/device.py: DTYPES
 TARGET_MODES = ("attention", "attention_out", "all")  # sdxl/lora.py: TARGETS
-ADAPTER_KINDS = ("lora", "dora")  # sdxl/lora.py: ADAPTERS
+ADAPTER_KINDS = ("lora", "dora", "loha", "lokr")  # sdxl/lora.py: ADAPTERS
 LOGGERS = ("tensorboard", "wandb", "all")  # training/train_util.py: MetricsLog
 LORA_FORMATS = ("native", "diffusers", "kohya")  # sdxl/lora_formats.py: WRITERS
 SAMPLER_NAMES = ("euler", "ddim", "ddpm")  # sampling/samplers.py: SAMPLERS

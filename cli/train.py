@@ -9,6 +9,7 @@ import importlib.util
 from pathlib import Path
 
 from cli.choices import (
+    ADAPTER_KINDS,
     BLOCKS,
     COMPILE_BACKENDS,
     CUDA_GRAPH_MODES,
@@ -247,10 +248,16 @@ def check_caption_args(args: argparse.Namespace) -> None:
         )
 
 
+def adapter_kind(args: argparse.Namespace) -> str:
+    """--adapter, with --use_dora as the older spelling of --adapter dora."""
+    return args.adapter or ("dora" if args.use_dora else "lora")
+
+
 def check_adapter_args(args: argparse.Namespace) -> None:
     """The adapter flags: each needs --use_lora, and their values fit together."""
     check_numbers(args, {"conv_rank": AT_LEAST_0, "conv_alpha": POSITIVE})
     adapter_flags = {
+        "--adapter": args.adapter,
         "--use_dora": args.use_dora,
         "--conv_rank": args.conv_rank,
         "--block_dims": args.block_dims,
@@ -260,6 +267,18 @@ def check_adapter_args(args: argparse.Namespace) -> None:
     for name, value in adapter_flags.items():
         if value and not args.use_lora:
             raise UserError(f"{name} is an adapter option; add --use_lora")
+    if args.use_dora and args.adapter not in (None, "dora"):
+        raise UserError(f"--use_dora is --adapter dora; it cannot go with --adapter {args.adapter}")
+    if adapter_kind(args) in ("loha", "lokr") and args.lora_dropout:
+        raise UserError(
+            f"--adapter {args.adapter} has no dropout (LyCORIS's has none); drop --lora_dropout"
+        )
+    if args.lokr_factor != -1 and adapter_kind(args) != "lokr":
+        raise UserError("--lokr_factor is LoKr's; add --adapter lokr")
+    if args.lokr_factor == 0 or args.lokr_factor < -1:
+        raise UserError(
+            f"--lokr_factor must be -1 (the most even split) or at least 1, got {args.lokr_factor}"
+        )
     if args.train_text_encoder and args.cache_text_embeddings:
         raise UserError(
             "--train_text_encoder changes the text embeddings as it trains, so they cannot be "
@@ -354,7 +373,8 @@ def training_specs(args: argparse.Namespace) -> TrainSpecs:
     adapter = None
     if args.use_lora:
         adapter = AdapterSpec(
-            kind="dora" if args.use_dora else "lora",
+            kind=adapter_kind(args),
+            lokr_factor=args.lokr_factor,
             rank=args.lora_rank,
             alpha=args.lora_alpha,
             target_mode=args.lora_target_mode,
@@ -616,10 +636,24 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     )
     g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapter input")
     g.add_argument(
+        "--adapter",
+        default=None,
+        choices=ADAPTER_KINDS,
+        help="the adapter kind: lora (default), dora (a trained magnitude per output channel, Liu "
+        "et al. 2024), loha (LyCORIS: Hadamard product of two low-rank products), lokr "
+        "(LyCORIS: Kronecker product of a small matrix and a low-rank one)",
+    )
+    g.add_argument(
         "--use_dora",
         action="store_true",
-        help="DoRA adapters (a trained magnitude per output channel, Liu et al. 2024) "
-        "instead of plain LoRA",
+        help="the same as --adapter dora",
+    )
+    g.add_argument(
+        "--lokr_factor",
+        type=int,
+        default=-1,
+        help="LoKr: split each side of a weight as factor x rest (-1: as evenly as possible, "
+        "LyCORIS's default); a larger factor makes the Kronecker factor w1 larger",
     )
     g.add_argument(
         "--conv_rank",

@@ -25,7 +25,7 @@ from sdxl.capture import Graphed, compile_blocks
 from sdxl.diffusion import NoiseSchedule
 from sdxl.files import atomic_write
 from sdxl.frozen import store_in_fp8
-from sdxl.lora import Adapter, LoRAModules, components, merge_lora
+from sdxl.lora import Adapter, Factors, LoRAModules, components, merge_lora
 from sdxl.lora_formats import attach_lora
 from sdxl.pretrained import SDXLParts
 from sdxl.text_encoders import SDXLTextEncoder
@@ -257,7 +257,7 @@ def apply_lora(
     at `strength`: one matmul per layer instead of three, and room for the next LoRA. `weights` as
     sdxl/checkpoint.py's `read_lora_weights` returns them: adapters, or for a full fine-tune
     the whole UNet's state dict."""
-    if all(isinstance(v, Adapter) for v in weights.values()):
+    if all(isinstance(v, Adapter | Factors) for v in weights.values()):
         attach_lora(models, weights)  # type: ignore[arg-type]
         for model in models.values():
             merge_lora(model, strength)

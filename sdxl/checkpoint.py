@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 
 from sdxl.errors import UserError
 from sdxl.files import TMP_SUFFIX, atomic_write
-from sdxl.lora import LoRAModules
+from sdxl.lora import Factors, LoRAModules
 from sdxl.lora_formats import (
     WRITTEN_BY,
     model_name,
@@ -138,8 +138,13 @@ def lora_metadata(ckpt: dict) -> dict[str, str | int | float]:
         network_args |= {"block_alphas": ",".join(map(_number, alphas))}
         largest = max(range(len(dims)), key=lambda k: dims[k])  # the rank the file mostly has
         rank, alpha = dims[largest], alphas[largest]
-    if config.get("use_dora"):
+    kind = config.get("adapter") or ("dora" if config.get("use_dora") else "lora")
+    if kind == "dora":
         network_args |= {"algo": "lora", "dora_wd": "True"}
+    if kind in ("loha", "lokr"):  # as LyCORIS's kohya network writes them
+        network_args = {"algo": kind} | network_args
+    if kind == "lokr":
+        network_args["factor"] = _number(config.get("lokr_factor", -1))
     target = config["lora_target_mode"] + ("+conv" if config.get("conv_rank") else "")
     return {
         **sharing_metadata(
@@ -278,6 +283,8 @@ def read_lora_weights(
     for key, value in weights.items():
         if isinstance(value, torch.Tensor):
             tensors = [value]
+        elif isinstance(value, Factors):
+            tensors = list(value.tensors.values())
         else:
             tensors = [
                 value.down,

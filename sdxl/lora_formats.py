@@ -16,6 +16,11 @@ The file layouts:
   `lora_adapter_metadata` header that `load_lora_weights` reads; without it alpha = rank, as
   diffusers assumes. Reading also accepts diffusers' older `.lora.down.weight` / `.lora.up.weight`
   names (without the header they read as native files, the same thing).
+LoHa and LoKr adapters (`Factors`) keep LyCORIS's factor names in every layout: native
+`<key>.lora.hada_w1_a`, ..., diffusers / peft `<key>.hada_w1_a`, ... (peft's LoHa and LoKr names,
+with peft's LoHaConfig / LoKrConfig fields in the same header), kohya `<kohya name>.hada_w1_a`, ...,
+`.lokr_w1`, ..., `.alpha` (LyCORIS's files, which ComfyUI, AUTOMATIC1111 and Forge read).
+
 - kohya (ComfyUI, AUTOMATIC1111, Forge): `lora_unet_<original SDXL path, dots as _>`,
   `lora_te1_<CLIP-L path>` and `lora_te2_<bigG path>`, each with `.lora_down.weight`,
   `.lora_up.weight`, a scalar `.alpha`, and for DoRA `.dora_scale` (the magnitude as LyCORIS
@@ -34,6 +39,7 @@ import sys
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors.torch import save as safetensors_bytes
@@ -42,7 +48,17 @@ from torch import nn
 
 from cli.choices import LORA_FORMATS
 from sdxl.files import atomic_write
-from sdxl.lora import AdaptedLayer, Adapter, DoRA, LoRA, LoRAModules
+from sdxl.lora import (
+    ADAPTERS,
+    AdaptedLayer,
+    Adapter,
+    DoRA,
+    Factored,
+    Factors,
+    LoRA,
+    LoRAModules,
+    factorization,
+)
 from sdxl.names import COMPONENTS, LoRAError, by_component, canonical, sgm_path, split_component
 from sdxl.weights import read_safetensors, read_safetensors_header
 
@@ -71,7 +87,7 @@ def modules_from_state_dict(
 ) -> LoRAModules:
     """Our state-dict layout (`get_lora_state_dict` of a model, or a native file) -> LoRAModules.
     An adapter without its own `.lora.alpha` (older files) gets `alpha` (default: its rank)."""
-    modules = {}
+    modules: LoRAModules = {}
     for key, down in weights.items():
         if not key.endswith(".lora.down.weight"):
             continue
@@ -83,7 +99,41 @@ def modules_from_state_dict(
             float(own_alpha) if own_alpha is not None else float(alpha or down.shape[0]),
             weights.get(f"{path}.lora.magnitude"),
         )
+    factored: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in weights.items():
+        path, _, name = key.rpartition(".lora.")
+        if name.startswith(FACTOR_PREFIXES):
+            factored.setdefault(path, {})[name] = value
+    for path, tensors in factored.items():
+        modules[canonical(path)] = factors(tensors, weights[f"{path}.lora.alpha"])
     return modules
+
+
+# LyCORIS's factor names, by adapter kind.
+FACTOR_PREFIXES = ("hada_", "lokr_")
+FACTOR_NAMES = {
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+}
+
+
+def factors(tensors: dict[str, torch.Tensor], alpha: torch.Tensor | float | None) -> Factors:
+    """A LoHa or LoKr record from its factors (named as LyCORIS names them). Without an alpha
+    the scale is 1 (alpha = rank), as LyCORIS and ComfyUI take it."""
+    kind = "loha" if any(k.startswith("hada_") for k in tensors) else "lokr"
+    unknown = [k for k in tensors if k not in FACTOR_NAMES[kind]]
+    if unknown:
+        raise LoRAError(f"{kind} factor {unknown[0]} is not one this project reads")
+    whole = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= tensors.keys()
+    if kind == "lokr":
+        has = tensors.keys()
+        whole = ("lokr_w1" in has or {"lokr_w1_a", "lokr_w1_b"} <= has) and (
+            "lokr_w2" in has or {"lokr_w2_a", "lokr_w2_b"} <= has
+        )
+    if not whole:
+        raise LoRAError(f"a {kind} adapter with only {sorted(tensors)}: the file is incomplete")
+    rank = cast(type[Factored], ADAPTERS[kind]).rank_of(tensors)
+    return Factors(kind, tensors, float(alpha) if alpha is not None else float(rank or 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +156,8 @@ def kohya_names(unet: nn.Module) -> dict[str, str]:
     layers = int(unet.config.layers_per_block)  # type: ignore[union-attr, arg-type]
     names = {}
     for path, module in unet.named_modules():
+        if ".lora." in f"{path}.":  # an adapter's own layers (a UNet with adapters already)
+            continue
         if isinstance(module, (nn.Linear, nn.Conv2d)) or hasattr(module, "lora"):
             try:
                 names[kohya_name(f"unet.{path}", layers)] = f"unet.{path}"
@@ -137,21 +189,62 @@ def kohya_key(name: str, unet_names: dict[str, str]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def peft_config(adapters: dict[str, Adapter]) -> dict:
+def peft_config(adapters: dict[str, Adapter | Factors]) -> dict:
     """The peft LoraConfig of one component's adapters: the commonest rank and alpha, the others
     as patterns. peft matches target names as suffixes of module names, so the text encoders'
     are given without `text_model.`: they then match CLIP built with or without that level."""
     adapters = {path.removeprefix("text_model."): a for path, a in adapters.items()}
-    r = Counter(a.rank for a in adapters.values()).most_common(1)[0][0]
-    alpha = Counter(a.alpha for a in adapters.values()).most_common(1)[0][0]
-    return {
+    ranks = {p: peft_rank_alpha(a) for p, a in adapters.items()}
+    r = Counter(r for r, _ in ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alpha for _, alpha in ranks.values()).most_common(1)[0][0]
+    config = {
         "r": r,
-        "lora_alpha": alpha,
         "target_modules": sorted(adapters),
-        "rank_pattern": {p: a.rank for p, a in adapters.items() if a.rank != r},
-        "alpha_pattern": {p: a.alpha for p, a in adapters.items() if a.alpha != alpha},
-        "use_dora": any(a.magnitude is not None for a in adapters.values()),
+        "rank_pattern": {p: ra[0] for p, ra in ranks.items() if ra[0] != r},
+        "alpha_pattern": {p: ra[1] for p, ra in ranks.items() if ra[1] != alpha},
     }
+    factored = [a for a in adapters.values() if isinstance(a, Factors)]
+    if factored:  # peft's LoHaConfig / LoKrConfig
+        names = {name for a in factored for name in a.tensors}
+        config |= {"peft_type": factored[0].kind.upper(), "alpha": alpha}
+        config["use_effective_conv2d"] = bool(names & {"hada_t1", "lokr_t2"})  # Tucker cores
+        if factored[0].kind == "lokr":
+            config |= {
+                "decompose_both": "lokr_w1_a" in names,
+                "decompose_factor": peft_factor(factored),
+            }
+        return config
+    magnitudes = [a.magnitude for a in adapters.values() if isinstance(a, Adapter)]
+    return config | {"lora_alpha": alpha, "use_dora": any(m is not None for m in magnitudes)}
+
+
+def peft_factor(adapters: list[Factors]) -> int:
+    """The one LoKr `decompose_factor` peft's config holds: the factor (-1, or a size) that splits
+    every layer's output side as its w1 does; refused in one line if there is none."""
+    sides = []
+    for a in adapters:
+        t = a.tensors
+        w1_rows = t["lokr_w1"].shape[0] if "lokr_w1" in t else t["lokr_w1_a"].shape[0]
+        if "lokr_w2" in t:
+            w2_rows = t["lokr_w2"].shape[0]
+        else:  # (b, r), or a Tucker mode (r, b)
+            w2_rows = t["lokr_w2_a"].shape[1 if "lokr_t2" in t else 0]
+        sides.append((w1_rows, w1_rows * w2_rows))
+    for factor in [-1, *sorted({w1 for w1, _ in sides})]:
+        if all(factorization(out, factor)[0] == w1 for w1, out in sides):
+            return factor
+    raise LoRAError("these LoKr adapters split their layers with different factors, which peft's "
+                    "one decompose_factor cannot say; save them in kohya format")  # fmt: skip
+
+
+def peft_rank_alpha(a: Adapter | Factors) -> tuple[int, float]:
+    """The r and alpha peft's config gives an adapter. peft scales a LoKr by alpha / r even when
+    both its factors are full matrices (LyCORIS by 1), and makes w2 full when r is at least half
+    its larger side: such a LoKr is written with r = alpha = that side."""
+    if isinstance(a, Factors) and a.rank == 0:
+        side = max(a.tensors["lokr_w2"].shape[:2])
+        return side, float(side)
+    return a.rank, a.alpha
 
 
 Tensors = dict[str, torch.Tensor]
@@ -161,8 +254,11 @@ def native_tensors(modules: LoRAModules, layers_per_block: int) -> tuple[Tensors
     """Our state dict's layout."""
     tensors: Tensors = {}
     for key, a in modules.items():
-        tensors |= {f"{key}.lora.down.weight": a.down, f"{key}.lora.up.weight": a.up}
         tensors[f"{key}.lora.alpha"] = torch.tensor(a.alpha)
+        if isinstance(a, Factors):
+            tensors |= {f"{key}.lora.{name}": t for name, t in a.tensors.items()}
+            continue
+        tensors |= {f"{key}.lora.down.weight": a.down, f"{key}.lora.up.weight": a.up}
         if a.magnitude is not None:
             tensors[f"{key}.lora.magnitude"] = a.magnitude
     return tensors, {}
@@ -173,8 +269,11 @@ def kohya_tensors(modules: LoRAModules, layers_per_block: int) -> tuple[Tensors,
     tensors: Tensors = {}
     for key, a in modules.items():
         name = kohya_name(key, layers_per_block)
-        tensors |= {f"{name}.lora_down.weight": a.down, f"{name}.lora_up.weight": a.up}
         tensors[f"{name}.alpha"] = torch.tensor(a.alpha)
+        if isinstance(a, Factors):  # LyCORIS's own names
+            tensors |= {f"{name}.{factor}": t for factor, t in a.tensors.items()}
+            continue
+        tensors |= {f"{name}.lora_down.weight": a.down, f"{name}.lora_up.weight": a.up}
         if a.magnitude is not None:
             # (out, 1[, 1, 1]) per output channel, (1, in[, 1, 1]) per input channel: ComfyUI
             # tells the two apart by whether the first axis is the layer's output.
@@ -187,6 +286,9 @@ def diffusers_tensors(modules: LoRAModules, layers_per_block: int) -> tuple[Tens
     """peft's layout, with each component's LoraConfig in the header load_lora_weights reads."""
     tensors: Tensors = {}
     for key, a in modules.items():
+        if isinstance(a, Factors):  # peft's LoHa and LoKr names are LyCORIS's
+            tensors |= {f"{key}.{factor}": t for factor, t in a.tensors.items()}
+            continue
         tensors |= {f"{key}.lora_A.weight": a.down, f"{key}.lora_B.weight": a.up}
         if a.magnitude is not None and a.magnitude.dim() == 2:
             raise LoRAError(
@@ -249,10 +351,10 @@ def sharing_metadata(
     """What other programs read from a LoRA file's metadata: kohya's `ss_*` keys (AUTOMATIC1111
     lists a LoRA under an SDXL checkpoint only when ss_base_model_version starts with sdxl_, and
     shows ss_tag_frequency; `ss_network_args` describes the adapter as kohya's and LyCORIS's
-    network arguments: conv_dim, conv_alpha, block_dims, block_alphas, and for DoRA LyCORIS's
-    algo=lora with dora_wd) and Stability's model-spec keys. The base model is named, not located.
+    network arguments: conv_dim, conv_alpha, block_dims, block_alphas, and LyCORIS's algo: lora
+    with dora_wd for DoRA, loha, lokr with its factor) and Stability's model-spec keys. The base model is named, not located.
     """
-    lycoris = network_args.get("dora_wd") == "True"  # DoRA is LyCORIS's, not networks.lora's
+    lycoris = "algo" in network_args  # DoRA, LoHa, LoKr are LyCORIS's, not networks.lora's
     width, height = resolution
     return {
         "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
@@ -302,7 +404,7 @@ def save_lora_file(
     recorded as metadata (`sharing_metadata`, and rank, alpha, target mode, step), with the hash of
     the tensors as written."""
     tensors, metadata = to_state_dict(modules, fmt, layers_per_block)
-    if fmt == "kohya" and any(a.magnitude is not None for a in modules.values()):
+    if fmt == "kohya" and any(getattr(a, "magnitude", None) is not None for a in modules.values()):
         warn_once(DORA_IN_KOHYA_FORMAT)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
@@ -327,7 +429,8 @@ def detect_format(keys: list[str], metadata: dict[str, str]) -> str:
         return "diffusers"
     if keys and all(".lora." in k for k in keys):
         return "native"
-    if keys and all(k.startswith(COMPONENTS) and ".lora_" in k for k in keys):
+    if keys and all(k.startswith(COMPONENTS) and (".lora_" in k or ".hada_" in k or ".lokr_" in k)
+                    for k in keys):  # fmt: skip
         return "diffusers"
     raise LoRAError(
         f"not a LoRA file this project knows (first key: {keys[0] if keys else 'none'})"
@@ -341,14 +444,25 @@ def from_state_dict(
     fmt = detect_format(list(tensors), metadata)
     if fmt == "kohya":
         names = kohya_names(unet)
-        known = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
+        known: tuple[str, ...] = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
+        known += tuple(f".{n}" for names_ in FACTOR_NAMES.values() for n in names_)
         unknown = [k for k in tensors if not k.endswith(known)]
-        if unknown:  # LoHa, LoKr, a bias diff...: not an adapter this project builds
+        if unknown:  # IA3, OFT, a bias diff...: not an adapter this project builds
             raise LoRAError(
                 f"{len(unknown)} keys of the LoRA file are of no adapter kind this project "
-                f"knows (first: {unknown[0]}); only LoRA, LoCon and DoRA keys load"
+                f"knows (first: {unknown[0]}); LoRA, LoCon, DoRA, LoHa and LoKr keys load"
             )
-        modules = {}
+        modules: LoRAModules = {}
+        factored: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            name, _, factor = key.rpartition(".")
+            if factor.startswith(FACTOR_PREFIXES):
+                factored.setdefault(name, {})[factor] = value
+        for name, found in factored.items():
+            if f"{name}.dora_scale" in tensors:
+                raise LoRAError(f"{name} is a LyCORIS adapter with weight decomposition "
+                                "(dora_scale), which this project does not read")  # fmt: skip
+            modules[kohya_key(name, names)] = factors(found, tensors.get(f"{name}.alpha"))
         for key, down in tensors.items():
             if not key.endswith(".lora_down.weight"):
                 continue
@@ -384,6 +498,21 @@ def from_state_dict(
             component, _, field = k.partition(".")
             configs.setdefault(component, {})[field] = v
     modules = {}
+    factored = {}
+    for key, value in tensors.items():
+        path, _, factor = key.rpartition(".")
+        if factor.startswith(FACTOR_PREFIXES):
+            factored.setdefault(path, {})[factor] = value
+    for path, found in factored.items():
+        component, inner = split_component(path)
+        config = configs.get(component, {})
+        alpha = config.get("alpha_pattern", {}).get(inner, config.get("alpha"))
+        record = factors(found, alpha)
+        if record.rank == 0 and alpha is not None:
+            # peft scales a LoKr of two full matrices by alpha / r as well; LyCORIS by 1
+            r = config.get("rank_pattern", {}).get(inner, config.get("r", 1))
+            record.tensors["lokr_w1"] = record.tensors["lokr_w1"] * (float(alpha) / r)
+        modules[path] = record
     # peft's names, or the older ones diffusers also writes (convert_state_dict_to_diffusers)
     for down_suffix, up_suffix in (
         (".lora_A.weight", ".lora_B.weight"),
@@ -442,10 +571,10 @@ class DoRAOnInputs(DoRA):
 
 
 @torch.no_grad()
-def attach_adapters(model: nn.Module, adapters: dict[str, Adapter]) -> None:
+def attach_adapters(model: nn.Module, adapters: dict[str, Adapter | Factors]) -> None:
     """Wrap exactly the named layers with adapters holding the given weights (from a file): a
     DoRA adapter where there is a magnitude (DoRAOnInputs where it is one per input channel),
-    else LoRA."""
+    LoHa or LoKr for their factors, else LoRA."""
     model.requires_grad_(False)
     own = dict(model.named_modules())
     for name, adapter in adapters.items():
@@ -455,10 +584,20 @@ def attach_adapters(model: nn.Module, adapters: dict[str, Adapter]) -> None:
         if not (type(base) is nn.Linear or isinstance(base, nn.Conv2d)):
             raise LoRAError(f"LoRA targets {name}, which is not a Linear or Conv2d of this model")
         assert isinstance(base, (nn.Linear, nn.Conv2d))
-        kind: type[LoRA] = LoRA
+        parent, _, child = name.rpartition(".")
+        if isinstance(adapter, Factors):
+            kind = cast(type[Factored], ADAPTERS[adapter.kind])
+            try:
+                update = kind.holding(adapter, tuple(base.weight.shape))
+            except LoRAError as e:
+                raise LoRAError(f"at {name}: {e} (another architecture?)") from None
+            update = update.to(base.weight.device)
+            setattr(model.get_submodule(parent), child, AdaptedLayer(base, update))
+            continue
+        lora_kind: type[LoRA] = LoRA
         if adapter.magnitude is not None:
-            kind = DoRAOnInputs if adapter.magnitude.dim() == 2 else DoRA
-        lora = kind(base, adapter.rank, adapter.alpha)
+            lora_kind = DoRAOnInputs if adapter.magnitude.dim() == 2 else DoRA
+        lora = lora_kind(base, adapter.rank, adapter.alpha)
         shapes_fit = adapter.down.numel() == lora.down.weight.numel() and (
             adapter.up.numel() == lora.up.weight.numel()
         )
@@ -471,7 +610,6 @@ def attach_adapters(model: nn.Module, adapters: dict[str, Adapter]) -> None:
                 "(another architecture?)"
             )
         lora.load(adapter)
-        parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, AdaptedLayer(base, lora))
 
 

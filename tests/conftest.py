@@ -122,6 +122,16 @@ def tiny_model(tmp_path_factory) -> Path:
     return write_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
+@pytest.fixture
+def tiny_configs(tiny_model, monkeypatch):
+    """The tiny SDXL's configs stand in for the shipped full-size ones (a tiny single file needs
+    them)."""
+    import sdxl.pretrained
+
+    monkeypatch.setattr(sdxl.pretrained, "SDXL_CONFIGS", tiny_model)
+    return tiny_model
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_model):
     """diffusers' StableDiffusionXLPipeline on the tiny folder: the reference."""

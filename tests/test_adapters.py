@@ -520,10 +520,12 @@ def test_a_kohya_file_with_text_encoder_conv_and_dora_keys_loads_fully(tiny_mode
 
     nowhere = {"lora_unet_nowhere_9.lora_down.weight": torch.zeros(4, 8)}
     nowhere["lora_unet_nowhere_9.lora_up.weight"] = torch.zeros(8, 4)
-    loha = {"lora_unet_conv_in.hada_w1_a": torch.zeros(4, 4)}
+    ia3 = {"lora_unet_conv_in.on_input": torch.zeros(4)}
+    half_loha = {"lora_unet_conv_in.hada_w1_a": torch.zeros(4, 4)}
     for extra, message in (
         (nowhere, "lora_unet_nowhere_9 does not exist in this model"),
-        (loha, "1 keys of the LoRA file are of no adapter kind .*hada_w1_a"),
+        (ia3, "1 keys of the LoRA file are of no adapter kind .*on_input"),
+        (half_loha, r"a loha adapter with only \['hada_w1_a'\]: the file is incomplete"),
     ):
         save_file({**kohya, **extra}, path)
         with pytest.raises(UserError, match=message):

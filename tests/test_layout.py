@@ -18,6 +18,7 @@ SCRIPTS = [
     "resume_training.py",
     "extract_lora_weights.py",
     "evaluate_dataset.py",
+    "lora_tools.py",
 ]
 LIBRARY = ("sdxl", "training", "sampling")
 
@@ -107,8 +108,9 @@ def test_generation_imports_no_training_module():
 
 def test_the_command_lines_are_torch_free():
     loaded = imports_in_subprocess(
-        ["import cli.train", "import cli.generate", "import cli.evaluate"]
+        ["import cli.train", "import cli.generate", "import cli.evaluate", "import cli.lora_tools"]
         + ["import train_sdxl", "import generate_images", "import evaluate_dataset"]
+        + ["import lora_tools"]
     )
     assert "cli.train" in loaded and "torch" not in loaded
 

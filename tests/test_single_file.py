@@ -20,20 +20,11 @@ from diffusers.loaders.single_file_utils import (
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-import sdxl.pretrained
-from bench.sgm_file import (
-    CLIP_G,
-    CLIP_L,
-    UNET,
-    VAE,
-    open_clip_items,
-    unet_name,
-    vae_items,
-    write_sgm_file,
-)
+from bench.sgm_file import write_sgm_file
 from sampling.inference import Pipeline, generate_unique_batch
 from sdxl.errors import UserError
 from sdxl.pretrained import load_sdxl, resolve_model
+from sdxl.single_file import CLIP_G, CLIP_L, UNET, VAE, open_clip_items, unet_name, vae_items
 from sdxl.unet import UNet2DConditionModel
 
 # The real SDXL UNet's SGM names and shapes, from kohya's SGM-layout SDXL UNet (without the
@@ -94,13 +85,6 @@ def test_full_size_sgm_names_convert_to_ours_on_meta():
     assert v_state[VAE + "encoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
     back = convert_ldm_vae_checkpoint(v_state, vae_config)
     assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in meta_state(vae).items()}
-
-
-@pytest.fixture
-def tiny_configs(tiny_model, monkeypatch):
-    """The tiny SDXL's configs stand in for the shipped full-size ones (a tiny file needs them)."""
-    monkeypatch.setattr(sdxl.pretrained, "SDXL_CONFIGS", tiny_model)
-    return tiny_model
 
 
 def all_tensors(parts) -> dict[str, torch.Tensor]:

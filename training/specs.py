@@ -107,6 +107,7 @@ class AdapterSpec:
     block_dims: tuple[int, ...] | None = None  # kohya's 23 per-block ranks
     block_alphas: tuple[float, ...] | None = None
     train_text_encoder: bool = False
+    lokr_factor: int = -1  # LoKr's split of each side of a weight (-1: the most even)
 
 
 @dataclass(frozen=True)

@@ -278,13 +278,19 @@ def make_trainable(
         conv_alpha=adapter.conv_alpha,
         block_ranks=list(adapter.block_dims) if adapter.block_dims else None,
         block_alphas=list(adapter.block_alphas) if adapter.block_alphas else None,
+        lokr_factor=adapter.lokr_factor,
     )
     if fp8_base:  # after the adapters, which stay in fp32 (sdxl/frozen.py)
         store_in_fp8(parts.unet)
     if not adapter.train_text_encoder:
         return components(parts.unet)
     apply_lora_to_text_encoders(
-        parts.text_encoder, adapter.rank, adapter.alpha, adapter.dropout, adapter.kind
+        parts.text_encoder,
+        adapter.rank,
+        adapter.alpha,
+        adapter.dropout,
+        adapter.kind,
+        adapter.lokr_factor,
     )
     return components(parts.unet, parts.text_encoder)
 
