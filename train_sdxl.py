@@ -185,7 +185,7 @@ def set_up(args: argparse.Namespace, specs: TrainSpecs) -> Run:
     max_steps = args.max_train_steps or args.num_epochs * per_epoch
     prompts = read_prompt_file(args.validation_prompts) if args.validation_prompts else []
     resume = load_checkpoint(args.resume) if args.resume else None
-    precision = resolve_precision(args.precision, dist.device, full_finetune=not args.use_lora)
+    precision = resolve_precision(args.precision, dist.device, not args.use_lora, args.full_bf16)
     model_folder = resolve_model(args.pretrained_model, half=precision.unet_dtype != torch.float32)
     schedule = schedule_of(model_folder, args.prediction_type, args.zero_terminal_snr)
     predicted = None

@@ -124,7 +124,7 @@ def check_args(args: argparse.Namespace) -> None:
             "adam_epsilon": POSITIVE,
             "adam_weight_decay": AT_LEAST_0,
             "lr_warmup_steps": AT_LEAST_0,
-            "max_grad_norm": POSITIVE,
+            "max_grad_norm": AT_LEAST_0,
             "snr_gamma": POSITIVE,
             "noise_offset": AT_LEAST_0,
             "ema_decay": FRACTION,
@@ -149,6 +149,7 @@ def check_args(args: argparse.Namespace) -> None:
         )
     check_caption_args(args)
     check_adapter_args(args)
+    check_full_args(args)
     check_trackers(args)
     optimizer_args(args.optimizer, args.optimizer_args)
     if args.reg_data_dir is not None:
@@ -251,6 +252,34 @@ def check_caption_args(args: argparse.Namespace) -> None:
 def adapter_kind(args: argparse.Namespace) -> str:
     """--adapter, with --use_dora as the older spelling of --adapter dora."""
     return args.adapter or ("dora" if args.use_dora else "lora")
+
+
+def check_full_args(args: argparse.Namespace) -> None:
+    """The full fine-tuning flags: each refused with --use_lora, and what the fused backward pass
+    cannot do, each in one line that says why."""
+    if args.use_lora and args.save_model_as is not None:
+        raise UserError("--save_model_as is for full fine-tuning; a LoRA's file format is "
+                        "--lora_save_format")  # fmt: skip
+    for name in ("full_bf16", "fused_backward_pass"):
+        if getattr(args, name) and args.use_lora:
+            raise UserError(f"--{name} is for full fine-tuning (a LoRA's weights are few and "
+                            "fp32); drop --use_lora or it")  # fmt: skip
+    if args.full_bf16 and args.precision not in ("bf16", "auto"):
+        raise UserError(
+            f"--full_bf16 trains in bf16; it cannot go with --precision {args.precision}"
+        )
+    if not args.fused_backward_pass:
+        return
+    if args.optimizer not in ("adamw", "adamw8bit", "adafactor"):
+        raise UserError(f"--fused_backward_pass steps adamw, adamw8bit or adafactor; --optimizer "
+                        f"{args.optimizer} keeps state across parameters")  # fmt: skip
+    if args.gradient_accumulation_steps > 1:
+        raise UserError("--fused_backward_pass steps and frees each gradient during the backward "
+                        "pass, so gradients cannot accumulate; drop --gradient_accumulation_steps")  # fmt: skip
+    if args.max_grad_norm:
+        raise UserError("--fused_backward_pass steps each parameter before the others' gradients "
+                        "exist, so the global norm clipping needs is never known; drop "
+                        "--max_grad_norm")  # fmt: skip
 
 
 def check_adapter_args(args: argparse.Namespace) -> None:
@@ -410,9 +439,11 @@ def training_specs(args: argparse.Namespace) -> TrainSpecs:
         extra=optimizer_args(args.optimizer, args.optimizer_args),
         lr_scheduler=args.lr_scheduler,
         warmup_steps=args.lr_warmup_steps,
-        max_grad_norm=args.max_grad_norm,
+        max_grad_norm=(1.0 if args.max_grad_norm is None and not args.fused_backward_pass
+                       else args.max_grad_norm or 0.0),
         ema_decay=args.ema_decay if args.use_ema else None,
-    )
+        fused_backward_pass=args.fused_backward_pass,
+    )  # fmt: skip
     step = StepSpec(
         precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -422,6 +453,7 @@ def training_specs(args: argparse.Namespace) -> TrainSpecs:
         compile=args.compile,
         compile_backend=args.compile_backend,
         seed=args.seed,
+        full_bf16=args.full_bf16,
     )
     return TrainSpecs(data, model, adapter, loss, optimizer, step)
 
@@ -721,7 +753,27 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         help="learning-rate schedule after warm-up",
     )
     g.add_argument("--lr_warmup_steps", type=int, default=0, help="linear warm-up steps")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
+    g.add_argument(
+        "--max_grad_norm",
+        type=float,
+        default=None,
+        help="gradient clipping norm (default 1; 0: no clipping, the default with "
+        "--fused_backward_pass)",
+    )
+    g.add_argument(
+        "--full_bf16",
+        action="store_true",
+        help="full fine-tuning with the UNet's weights in bf16 (no fp32 copy), each update "
+        "computed in fp32 and rounded back stochastically, so that small updates are kept on "
+        "average",
+    )
+    g.add_argument(
+        "--fused_backward_pass",
+        action="store_true",
+        help="full fine-tuning: each parameter's optimizer step runs as soon as its gradient is "
+        "complete, and the gradient is freed (no full set of gradients ever exists); adamw, "
+        "adamw8bit or adafactor, one process, no accumulation, no clipping",
+    )
     g.add_argument(
         "--snr_gamma",
         type=float,
@@ -811,6 +863,14 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay per step")
     add_shared(g, "seed", False, help="seed for data order, crops, noise and timesteps")
     g = p.add_argument_group("output")
+    g.add_argument(
+        "--save_model_as",
+        default=None,
+        choices=["sgm", "diffusers"],
+        help="full fine-tuning: beside each checkpoint, the model as one SGM single file (UNet, "
+        "text encoders, VAE: what ComfyUI, AUTOMATIC1111 and Forge open; default), or the UNet "
+        "alone in diffusers' names",
+    )
     add_shared(
         g,
         "output_dir",

@@ -8,7 +8,8 @@ holds everything a run needs to continue exactly where it stopped:
     smoothed_loss, best_loss
     lora          the adapters' state dict (None for full fine-tuning)
     unet_config   the UNet's architecture
-    unet_file     full fine-tuning: the UNet's safetensors file beside it (None for LoRA)
+    unet_file     full fine-tuning: the safetensors file beside it that holds the UNet (None for
+                  LoRA): a single SGM file (UNet, text encoders, VAE), or the UNet alone
     optimizer, lr_scheduler, scaler, ema, rng
     config        the run's resolved configuration: its flags, paths made absolute, base_model
     tag_frequency the captions' tag counts per dataset folder (for the shared LoRA files' metadata)
@@ -21,7 +22,9 @@ Names, in the run's --output_dir (`lora_` for LoRA runs, `full_` for full fine-t
     lora_step000100_lowest_loss.pt        the lowest tracked loss so far (only the newest is kept)
 
 Beside each, under the same name, the weights to share: the LoRA in --lora_save_format, or the full
-fine-tune's UNet (diffusers key names). Older formats are read as the current one
+fine-tune as one SGM single file (UNet, both text encoders, VAE, in the original names: what
+ComfyUI, AUTOMATIC1111 and Forge open as a model; --save_model_as sgm, the default), or its UNet
+alone in diffusers' names (--save_model_as diffusers). Older formats are read as the current one
 (`_read_as_current`): version 1 named full fine-tuning checkpoints `lora_*` with the UNet in
 `unet_*.safetensors`; versions 1 and 2 keyed the UNet's adapters without `unet.` and kept one
 alpha; versions 1 to 3 recorded the LoRA settings, the base model and the shared file's metadata
@@ -258,8 +261,20 @@ def adapter_modules(ckpt: dict, ema: bool = False) -> LoRAModules:
 def unet_weights(
     ckpt: dict, path: Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """A full fine-tuning checkpoint's UNet state dict, from the safetensors file beside it."""
-    return read_safetensors(Path(path).parent / ckpt["unet_file"], dtype, device)
+    """A full fine-tuning checkpoint's UNet state dict (diffusers' names), from the file beside it:
+    the single SGM file (--save_model_as sgm), or the UNet alone in diffusers' names."""
+    from sdxl.single_file import UNET, unet_name
+    from sdxl.unet import UNet2DConditionModel, UNetConfig
+    from sdxl.weights import SafetensorsFile
+
+    file = SafetensorsFile(Path(path).parent / ckpt["unet_file"])
+    if not any(n.startswith(UNET) for n in file.names()):
+        return read_safetensors(Path(path).parent / ckpt["unet_file"], dtype, device)
+    config = ckpt["unet_config"]
+    with torch.device("meta"):  # only for its key names
+        keys = UNet2DConditionModel(UNetConfig(**config)).state_dict()
+    layers = config["layers_per_block"]
+    return {k: file.read(UNET + unet_name(k, layers), dtype, device) for k in keys}
 
 
 # ---------------------------------------------------------------------------------------------

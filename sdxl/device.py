@@ -85,15 +85,18 @@ class Precision:
         return torch.float16 if self.device_type == "cuda" else torch.float32
 
 
-def resolve_precision(name: str, device: torch.device, full_finetune: bool = False) -> Precision:
+def resolve_precision(
+    name: str, device: torch.device, full_finetune: bool = False, full_bf16: bool = False
+) -> Precision:
     """`auto` is bf16 on CUDA (fp32's range, so nothing overflows) and fp32 on the CPU (where bf16
-    works but is slow on most CPUs). The same rule serves training and generation."""
+    works but is slow on most CPUs). The same rule serves training and generation. Full
+    fine-tuning keeps fp32 weights under bf16 autocast, or with `full_bf16` bf16 weights."""
     if name == "auto":
-        name = "bf16" if device.type == "cuda" else "fp32"
+        name = "bf16" if device.type == "cuda" or full_bf16 else "fp32"
     if name not in DTYPES:
         raise UserError(f"unknown precision {name!r}; choose bf16, fp16 or fp32")
     low = DTYPES[name]
-    if full_finetune:
+    if full_finetune and not full_bf16:
         return Precision(
             name, device.type, torch.float32, torch.float32, use_autocast=name != "fp32"
         )

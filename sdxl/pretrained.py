@@ -15,6 +15,7 @@ file, a Hugging Face Hub id, or `tiny`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -294,6 +295,29 @@ def load_sdxl(
         text_sources=text_sources,
         vae_source=vae_source,
     )
+
+
+@functools.lru_cache(maxsize=1)
+def frozen_parts(model: str, vae: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """The weights a full fine-tune leaves as they are, read once from its base model (a folder,
+    a single file, a Hub id, tiny; `vae` another VAE folder): both text encoders in fp16, as SDXL's
+    own single file holds them, and the VAE in fp32 (it overflows in fp16). For the single file
+    written beside each checkpoint."""
+    folder = resolve_model(model)
+    configs = config_folder(folder)
+    if folder.is_dir():
+        text = SDXLTextEncoder.from_pretrained(folder, torch.float16)
+    else:
+        text = load_text_encoder_file(folder, configs, torch.float16)
+    if vae is not None or folder.is_dir():
+        autoencoder = SDXLVAE.from_pretrained(Path(vae or folder / "vae"), torch.float32).vae
+    else:
+        autoencoder = load_vae_file(folder, configs)
+    return {
+        "text_encoder": text.text_encoder.state_dict(),
+        "text_encoder_2": text.text_encoder_2.state_dict(),
+        "vae": autoencoder.state_dict(),
+    }
 
 
 # ---------------------------------------------------------------------------------------------

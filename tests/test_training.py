@@ -129,20 +129,39 @@ def test_nan_loss_stops_without_writing_weights(tiny_model, tmp_path, monkeypatc
     assert not list(tmp_path.glob("*.pt"))
 
 
-def test_full_finetune_run(tiny_model, tmp_path):
+def test_full_finetune_run(tiny_model, tiny_configs, tmp_path):
     last = train_sdxl.main(
         train_args(tiny_model, tmp_path, "--max_train_steps", "2", "--learning_rate", "1e-3")
     )
     ckpt = load_checkpoint(last)
     assert last.name.startswith("full_step000002_")  # named for what it is, not lora_
     assert ckpt["lora"] is None and ckpt["unet_file"] == last.with_suffix(".safetensors").name
+    from sdxl.checkpoint import unet_weights
+    from sdxl.lora import components
     from sdxl.unet import load_unet
-    from sdxl.weights import read_safetensors
 
-    trained = read_safetensors(tmp_path / ckpt["unet_file"])
+    trained = unet_weights(ckpt, last)
     original = load_unet(tiny_model / "unet").state_dict()
     assert set(trained) == set(original)
     assert any(not torch.equal(trained[k], original[k]) for k in original)
+    # Beside the checkpoint, the model as one SGM file: our single-file loader reads the trained
+    # UNet back bitwise, and the base model's text encoders (fp16, as SDXL's file has them) and VAE.
+    single = load_sdxl(last.with_suffix(".safetensors"), torch.float32)
+    base = load_sdxl(tiny_model, torch.float32)
+    assert all(torch.equal(v, trained[k]) for k, v in single.unet.state_dict().items())
+    for name, model in components(single.unet, single.text_encoder).items():
+        if name != "unet":
+            theirs = components(base.unet, base.text_encoder)[name].state_dict()
+            for k, v in model.state_dict().items():
+                assert torch.equal(v, theirs[k].half().float()), (name, k)
+    assert all(torch.equal(v, base.vae.state_dict()[k]) for k, v in single.vae.state_dict().items())
+    # --save_model_as diffusers: the UNet alone, in diffusers' names
+    other = tmp_path / "diffusers"
+    alone = train_sdxl.main(train_args(tiny_model, other, "--max_train_steps", "1",
+                                       "--save_model_as", "diffusers"))  # fmt: skip
+    from sdxl.weights import read_safetensors
+
+    assert set(read_safetensors(alone.with_suffix(".safetensors"))) == set(original)
 
     # Format 1 named full fine-tuning checkpoints lora_* with the UNet in unet_*.safetensors: such a
     # checkpoint still loads for generation, and pruning removes its UNet file with it.

@@ -24,7 +24,9 @@ from sdxl.checkpoint import (
 from sdxl.errors import UserError
 from sdxl.files import FolderLock, make_folder, remove_stale_tmp
 from sdxl.lora import get_lora_state_dict, load_lora_state_dict
-from sdxl.lora_formats import modules_from_state_dict, save_lora_file
+from sdxl.lora_formats import WRITTEN_BY, modules_from_state_dict, save_lora_file
+from sdxl.pretrained import frozen_parts
+from sdxl.single_file import write_single_file
 from training.optimizers import tensor_learning_rates
 from training.scan import Record
 from training.train_loop import Trainer, TrainState
@@ -116,8 +118,14 @@ def save_checkpoint(
         "tag_frequency": tags,
     }
     shared = path.with_suffix(".safetensors")
-    if not lora:  # the whole UNet goes beside the checkpoint
+    if not lora and config.get("save_model_as") == "diffusers":  # the UNet alone
         write_unet_file(shared, tr.unet.state_dict(), {"step": state.step})
+    elif not lora:  # the whole model as one SGM file, the UNet in its training precision
+        frozen = frozen_parts(config["pretrained_model"], config.get("vae"))
+        metadata = {"modelspec.sai_model_spec": "1.0.0", "step": str(state.step),
+                    "modelspec.architecture": "stable-diffusion-xl-v1-base",
+                    "modelspec.title": path.stem, **WRITTEN_BY}  # fmt: skip
+        write_single_file({"unet": tr.unet.state_dict(), **frozen}, shared, metadata=metadata)
     elif config["lora_save_format"] != "none":  # ready for ComfyUI, AUTOMATIC1111, diffusers
         modules = modules_from_state_dict(ckpt["lora"])
         fmt, layers = config["lora_save_format"], tr.unet.config.layers_per_block

@@ -23,6 +23,7 @@ import torch
 
 from cli.choices import LR_SCHEDULERS, OPTIMIZER_NAMES
 from sdxl.errors import UserError
+from training.fused import PerParameter
 from training.specs import OptimizerSpec
 
 Schedule = torch.optim.lr_scheduler.LRScheduler
@@ -126,10 +127,15 @@ def build_optimizer(
     components: list[str],
     spec: OptimizerSpec,
     max_steps: int,
+    per_parameter: bool = False,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
 ) -> tuple[torch.optim.Optimizer, Schedule]:
     """The optimizer the spec names over the trained parameters (name, parameter), one group per
     model component ("unet", then the text encoders at their own learning rates), and its
-    learning-rate schedule."""
+    learning-rate schedule. `per_parameter`: one such optimizer per parameter (training/fused.py:
+    bf16 weights rounded stochastically, from a generator seeded with `seed` on `device`; steps
+    in the backward pass with spec.fused_backward_pass)."""
     text_lrs = spec.text_encoder_lr or (spec.learning_rate,)
     lrs = dict(
         zip(
@@ -141,10 +147,20 @@ def build_optimizer(
         {"params": [p for n, p in trained if n.startswith(f"{c}.")], "lr": lrs[c]}
         for c in components
     ]
+    groups = [g for g in groups if g["params"]]
     try:
-        return OPTIMIZERS[spec.name]([g for g in groups if g["params"]], spec, max_steps)
+        if not per_parameter:
+            return OPTIMIZERS[spec.name](groups, spec, max_steps)
+        generator = torch.Generator(device).manual_seed(seed)
+        make = lambda one: OPTIMIZERS[spec.name](one, spec, max_steps)[0]  # noqa: E731
+        optimizer = PerParameter(groups, make, spec.fused_backward_pass, generator)
     except TypeError as e:  # an --optimizer_args key the optimizer does not take
         raise UserError(f"--optimizer {spec.name}: {e} (check --optimizer_args)") from None
+    if spec.name == "adafactor" and spec.extra.get("relative_step", True):
+        from transformers.optimization import AdafactorSchedule
+
+        return optimizer, AdafactorSchedule(optimizer)  # (it reports Adafactor's own step size)
+    return optimizer, _lambda_schedule(optimizer, spec, max_steps)
 
 
 def check_optimizer(spec: OptimizerSpec) -> None:

@@ -59,11 +59,34 @@ class Phases(Protocol):
     def row(self, name: str | None) -> None: ...
 
 
+def stand_in(specs: TrainSpecs) -> tuple[TrainSpecs, str | None]:
+    """The specs the trace runs, and why they are not the run's (None: they are). The trace runs
+    the real step on the meta device, which an optimizer that reads values back cannot take, and
+    it does not model --full_bf16 or --fused_backward_pass yet: such runs are traced with AdamW,
+    unfused, on fp32 weights."""
+    reasons = []
+    if specs.optimizer.name != "adamw":
+        reasons.append(f"--optimizer {specs.optimizer.name} reads values back, which a trace on "
+                       "the meta device cannot (an upper bound for adafactor and adamw8bit, which "
+                       "keep less state; not for prodigy, which keeps more)")  # fmt: skip
+    if specs.optimizer.fused_backward_pass or specs.step.full_bf16:
+        reasons.append("--full_bf16 and --fused_backward_pass are not modelled yet (fp32 weights "
+                       "and every gradient: an upper bound)")  # fmt: skip
+    if not reasons:
+        return specs, None
+    optimizer = dataclasses.replace(specs.optimizer, name="adamw", extra={}, fused_backward_pass=False)  # fmt: skip
+    step = dataclasses.replace(specs.step, full_bf16=False)
+    note = "traced with AdamW's step in place of this run's: " + "; ".join(reasons)
+    return dataclasses.replace(specs, optimizer=optimizer, step=step), note
+
+
 def estimate_training(
     specs: TrainSpecs, model: Path, validation: Validation = Validation()
 ) -> MemoryTrace:
     """The run's phases traced (MemoryTrace.report() prints them), with batches of the data
-    spec's size and batch size (`at_largest` makes them the run's largest batch)."""
+    spec's size and batch size (`at_largest` makes them the run's largest batch); a run the trace
+    cannot take as it is, as `stand_in` says."""
+    specs = stand_in(specs)[0]
     precision = resolve_precision(specs.step.precision, torch.device("cuda"), specs.adapter is None)
     parts = config_parts(
         model,
@@ -273,7 +296,7 @@ def report(specs: TrainSpecs, model_name: str, validation: Validation) -> str:
     """--estimate_memory's table: the run's phases and the predicted max_memory_reserved."""
     model, note = model_configs(model_name)
     trace = estimate_training(at_largest(specs), model, validation)
-    return "\n".join([note, trace.report()]).strip()
+    return "\n".join([note, stand_in(specs)[1] or "", trace.report()]).strip()
 
 
 def predict_on_cuda(
@@ -287,5 +310,9 @@ def predict_on_cuda(
         f"memory preflight: predicted max_memory_reserved {trace.peak / GiB:.2f} GiB of the "
         f"card's {total / GiB:.1f} GiB (--estimate_memory shows each phase)"
     )
+    note = stand_in(specs)[1]
+    if note is not None:  # not this run's own prediction: it does not stop the run
+        print(f"memory preflight: {note}")
+        return trace.peak
     check_fits(specs, model, validation, total, trace.peak)
     return trace.peak

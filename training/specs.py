@@ -142,8 +142,9 @@ class OptimizerSpec:
     extra: dict[str, Any] = field(default_factory=dict)  # --optimizer_args, over the above
     lr_scheduler: str = "constant"
     warmup_steps: int = 0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0: no clipping
     ema_decay: float | None = None  # None: no EMA
+    fused_backward_pass: bool = False  # each parameter stepped in the backward pass
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ class StepSpec:
     compile: bool = False
     compile_backend: str = "inductor"
     seed: int = 0
+    full_bf16: bool = False  # full fine-tuning: bf16 weights, updates stochastically rounded
 
 
 @dataclass(frozen=True)

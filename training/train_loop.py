@@ -146,7 +146,19 @@ def build_trainer(
         unet.enable_gradient_checkpointing(specs.step.checkpoint_interval)
     unet.to(memory_format=torch.channels_last)  # the layout fast convolution kernels want
     trained = [(n, p) for n, p in models.named_parameters() if p.requires_grad]
-    optimizer, lr_scheduler = build_optimizer(trained, list(models), specs.optimizer, max_steps)
+    if specs.optimizer.fused_backward_pass and dist.world > 1:
+        raise UserError("--fused_backward_pass steps each parameter inside the backward pass, "
+                        "before DistributedDataParallel averages its gradient: one process only")  # fmt: skip
+    per_parameter = specs.step.full_bf16 or specs.optimizer.fused_backward_pass
+    optimizer, lr_scheduler = build_optimizer(
+        trained,
+        list(models),
+        specs.optimizer,
+        max_steps,
+        per_parameter,
+        dist.device,
+        specs.step.seed,
+    )
     tensor_learning_rates(optimizer, dist.device)  # what a graph needs; eager steps alike
     if dist.main and specs.adapter is not None:
         print(describe_adapters(dict(models.items())))
@@ -257,6 +269,8 @@ def cuda_graph_obstacle(specs: TrainSpecs, dist: Distributed) -> str | None:
         return "--train_text_encoder trains through the text encoders, which run outside the step"
     if specs.optimizer.name != "adamw":
         return f"--optimizer {specs.optimizer.name} cannot step inside a graph (torch's adamw can)"
+    if specs.optimizer.fused_backward_pass or specs.step.full_bf16:
+        return "the optimizer steps each parameter on its own (--full_bf16, --fused_backward_pass)"
     return None
 
 
@@ -342,7 +356,8 @@ def optimizer_update(s: DeviceStep) -> torch.Tensor:
     (a device tensor). Device work only: the LR schedule advances outside (`train_step`)."""
     s.average_text_gradients()
     s.scaler.unscale_(s.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(s.params, s.max_grad_norm)
+    # (max_grad_norm 0: no clipping, the norm only measured)
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.params, s.max_grad_norm or float("inf"))
     s.scaler.step(s.optimizer)
     s.scaler.update()
     s.optimizer.zero_grad(set_to_none=s.grads_to_none)
