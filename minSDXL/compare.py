@@ -23,7 +23,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench.unet_step import proc_status  # noqa: E402
 from sdxl.device import DTYPES, resolve_device  # noqa: E402
-from sdxl.pretrained import resolve_model  # noqa: E402
 
 
 def inputs(config: dict, latent: int, dtype: torch.dtype, device: torch.device) -> tuple:
@@ -78,7 +77,11 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    folder = resolve_model(args.pretrained_model)
+    folder = Path(args.pretrained_model)
+    if not (folder / "unet").is_dir():  # (sdxl.pretrained imports diffusers: 10 s; only if needed)
+        from sdxl.pretrained import resolve_model
+
+        folder = resolve_model(args.pretrained_model)
     results, outputs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for side in ("ours", "ref"):
