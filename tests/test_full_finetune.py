@@ -189,22 +189,31 @@ def test_what_the_new_modes_cannot_do_is_one_line(tiny_model, tmp_path, flags, m
         train_sdxl.main(train_sdxl.parse_args(train_argv(tiny_model, tmp_path, *flags)))
 
 
-def test_the_preflight_traces_a_stand_in_and_says_so(tiny_model):
-    """An optimizer that reads values back (Adafactor) cannot step on the meta device, and the new
-    modes are not modelled yet: the preflight traces AdamW unfused in their place, an upper bound,
-    and its report says so (it used to stop with a traceback)."""
-    from training.preflight import Validation, report, stand_in
+def test_the_preflight_traces_the_new_modes_and_stands_in_for_adafactor(tiny_model):
+    """The preflight runs --full_bf16 and --fused_backward_pass themselves on the meta device:
+    bf16 weights predict less than fp32 ones, and freeing each gradient in the backward pass less
+    again. An optimizer that reads values back (Adafactor) cannot step there: AdamW is traced in
+    its place, and the report says so (it used to stop with a traceback)."""
+    from training.preflight import Validation, estimate_training, report, stand_in
 
-    specs = dataclasses.replace(tiny_specs(), adapter=None)
-    fused = dataclasses.replace(
-        specs,
-        optimizer=OptimizerSpec(name="adafactor", fused_backward_pass=True, max_grad_norm=0.0),
-        step=StepSpec(precision="bf16", full_bf16=True),
-    )
-    assert stand_in(specs)[1] is None
-    traced, note = stand_in(fused)
-    assert traced.optimizer.name == "adamw" and not traced.step.full_bf16
+    def specs_of(name="adamw", fused=False, full_bf16=False):
+        optimizer = OptimizerSpec(name=name, fused_backward_pass=fused, max_grad_norm=0.0)
+        step = StepSpec(precision="bf16", full_bf16=full_bf16)
+        data = dataclasses.replace(
+            tiny_specs().data, cache_latents=True, cache_text_embeddings=True
+        )
+        return dataclasses.replace(
+            tiny_specs(), adapter=None, optimizer=optimizer, step=step, data=data
+        )
+
+    plain = estimate_training(specs_of(), tiny_model).peak
+    bf16 = estimate_training(specs_of(full_bf16=True), tiny_model).peak
+    fused = estimate_training(specs_of(fused=True, full_bf16=True), tiny_model).peak
+    assert fused < bf16 < plain, (fused, bf16, plain)
+    assert stand_in(specs_of(fused=True, full_bf16=True))[1] is None
+    traced, note = stand_in(specs_of("adafactor", fused=True, full_bf16=True))
+    assert traced.optimizer.name == "adamw" and traced.step.full_bf16
     assert note is not None and "--optimizer adafactor" in note and "upper bound" in note
-    text = report(fused, str(tiny_model), Validation())
+    text = report(specs_of("adafactor", fused=True, full_bf16=True), str(tiny_model), Validation())
     assert "traced with AdamW's step in place of this run's" in text
     assert "predicted max_memory_reserved" in text

@@ -151,7 +151,9 @@ def build_optimizer(
     try:
         if not per_parameter:
             return OPTIMIZERS[spec.name](groups, spec, max_steps)
-        generator = torch.Generator(device).manual_seed(seed)
+        # (the memory preflight's meta device has no generator, and needs no random bits)
+        meta = torch.device(device).type == "meta"
+        generator = None if meta else torch.Generator(device).manual_seed(seed)
         make = lambda one: OPTIMIZERS[spec.name](one, spec, max_steps)[0]  # noqa: E731
         optimizer = PerParameter(groups, make, spec.fused_backward_pass, generator)
     except TypeError as e:  # an --optimizer_args key the optimizer does not take

@@ -61,23 +61,18 @@ class Phases(Protocol):
 
 def stand_in(specs: TrainSpecs) -> tuple[TrainSpecs, str | None]:
     """The specs the trace runs, and why they are not the run's (None: they are). The trace runs
-    the real step on the meta device, which an optimizer that reads values back cannot take, and
-    it does not model --full_bf16 or --fused_backward_pass yet: such runs are traced with AdamW,
-    unfused, on fp32 weights."""
+    the real step on the meta device (--full_bf16 and --fused_backward_pass included), which an
+    optimizer that reads values back cannot take: such a run is traced with AdamW."""
     reasons = []
     if specs.optimizer.name != "adamw":
         reasons.append(f"--optimizer {specs.optimizer.name} reads values back, which a trace on "
                        "the meta device cannot (an upper bound for adafactor and adamw8bit, which "
                        "keep less state; not for prodigy, which keeps more)")  # fmt: skip
-    if specs.optimizer.fused_backward_pass or specs.step.full_bf16:
-        reasons.append("--full_bf16 and --fused_backward_pass are not modelled yet (fp32 weights "
-                       "and every gradient: an upper bound)")  # fmt: skip
     if not reasons:
         return specs, None
-    optimizer = dataclasses.replace(specs.optimizer, name="adamw", extra={}, fused_backward_pass=False)  # fmt: skip
-    step = dataclasses.replace(specs.step, full_bf16=False)
+    optimizer = dataclasses.replace(specs.optimizer, name="adamw", extra={})
     note = "traced with AdamW's step in place of this run's: " + "; ".join(reasons)
-    return dataclasses.replace(specs, optimizer=optimizer, step=step), note
+    return dataclasses.replace(specs, optimizer=optimizer), note
 
 
 def estimate_training(
@@ -87,7 +82,9 @@ def estimate_training(
     spec's size and batch size (`at_largest` makes them the run's largest batch); a run the trace
     cannot take as it is, as `stand_in` says."""
     specs = stand_in(specs)[0]
-    precision = resolve_precision(specs.step.precision, torch.device("cuda"), specs.adapter is None)
+    precision = resolve_precision(
+        specs.step.precision, torch.device("cuda"), specs.adapter is None, specs.step.full_bf16
+    )
     parts = config_parts(
         model,
         precision.unet_dtype,
