@@ -193,8 +193,8 @@ def test_the_preflight_traces_the_new_modes_and_stands_in_for_adafactor(tiny_mod
     """The preflight runs --full_bf16 and --fused_backward_pass themselves on the meta device:
     bf16 weights predict less than fp32 ones, and freeing each gradient in the backward pass less
     again. An optimizer that reads values back (Adafactor) cannot step there: AdamW is traced in
-    its place, and the report says so (it used to stop with a traceback)."""
-    from training.preflight import Validation, estimate_training, report, stand_in
+    its place, and the note (which the report prints) says so (it used to stop with a traceback)."""
+    from training.preflight import estimate_training, stand_in
 
     def specs_of(name="adamw", fused=False, full_bf16=False):
         optimizer = OptimizerSpec(name=name, fused_backward_pass=fused, max_grad_norm=0.0)
@@ -214,6 +214,4 @@ def test_the_preflight_traces_the_new_modes_and_stands_in_for_adafactor(tiny_mod
     traced, note = stand_in(specs_of("adafactor", fused=True, full_bf16=True))
     assert traced.optimizer.name == "adamw" and traced.step.full_bf16
     assert note is not None and "--optimizer adafactor" in note and "upper bound" in note
-    text = report(specs_of("adafactor", fused=True, full_bf16=True), str(tiny_model), Validation())
-    assert "traced with AdamW's step in place of this run's" in text
-    assert "predicted max_memory_reserved" in text
+    assert note.startswith("traced with AdamW's step in place of this run's")
