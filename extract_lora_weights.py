@@ -62,13 +62,13 @@ def main(args: argparse.Namespace) -> Path:
         write_unet_file,
     )
     from sdxl.device import DTYPES
-    from sdxl.lora_formats import model_name, save_lora_file
+    from sdxl.lora_formats import model_name, save_lora_file, written_here
 
     checkpoint = Path(args.checkpoint)
     ckpt = load_checkpoint(checkpoint, mmap=True)
     suffix = f"_{args.format}" + ("_ema" if args.ema else "")
     output = Path(args.output or checkpoint.with_name(checkpoint.stem + suffix + ".safetensors"))
-    if output.exists() and not args.overwrite and not earlier_export(output):
+    if output.exists() and not args.overwrite and not written_here(output):
         raise UserError(
             f"--output {output} exists and is not a file this script wrote; "
             "choose another name or pass --overwrite"
@@ -90,19 +90,6 @@ def main(args: argparse.Namespace) -> Path:
         save_lora_file(output, adapter_modules(ckpt, args.ema), args.format, info, dtype, layers)
     print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {args.format}, {args.dtype})")
     return output
-
-
-def earlier_export(path: Path) -> bool:
-    """Whether the file is one this script wrote (its metadata says so), which may be replaced."""
-    from sdxl.lora_formats import WRITTEN_BY
-    from sdxl.weights import WeightsError, read_safetensors_header
-
-    try:
-        metadata = read_safetensors_header(path)[0].get("__metadata__", {})
-    except WeightsError:
-        return False
-    # Exports before WRITTEN_BY was recorded carried a lora_format entry.
-    return metadata.get("written_by") == WRITTEN_BY["written_by"] or "lora_format" in metadata
 
 
 if __name__ == "__main__":

@@ -56,16 +56,9 @@ def main(args: argparse.Namespace) -> Path:
 
 def refuse_foreign(output: Path, overwrite: bool) -> None:
     """Never replace a file this project did not write."""
-    from sdxl.lora_formats import WRITTEN_BY
-    from sdxl.weights import WeightsError, read_safetensors_header
+    from sdxl.lora_formats import written_here
 
-    if not output.exists() or overwrite:
-        return
-    try:
-        ours = read_safetensors_header(output)[0].get("__metadata__", {}).get("written_by")
-    except WeightsError:
-        ours = None
-    if ours != WRITTEN_BY["written_by"]:
+    if output.exists() and not overwrite and not written_here(output):
         raise UserError(f"--output {output} exists and this project did not write it; choose "
                         "another name or pass --overwrite")  # fmt: skip
 
@@ -193,11 +186,7 @@ def merge(args: argparse.Namespace, output: Path, dtype: Any) -> Path:
         print(f"merged {path.name} at {scale}")
     state = {name: model.state_dict() for name, model in models.items()}
     state["vae"] = parts.vae.vae.state_dict()
-    metadata = {"modelspec.sai_model_spec": "1.0.0",
-                "modelspec.architecture": "stable-diffusion-xl-v1-base",
-                "modelspec.title": output.stem, "written_by": "sdxl-lora",
-                "merged": ", ".join(args.loras)}  # fmt: skip
-    write_single_file(state, output, dtype, metadata)
+    write_single_file(state, output, dtype, {"merged": ", ".join(args.loras)})
     print(f"wrote {output} ({output.stat().st_size / 2**30:.2f} GiB, {args.dtype})")
     return output
 

@@ -60,7 +60,7 @@ from sdxl.lora import (
     factorization,
 )
 from sdxl.names import COMPONENTS, LoRAError, by_component, canonical, sgm_path, split_component
-from sdxl.weights import read_safetensors, read_safetensors_header
+from sdxl.weights import WeightsError, read_safetensors, read_safetensors_header
 
 DORA_IN_KOHYA_FORMAT = (
     "warning: a DoRA file in kohya format loads correctly in ComfyUI and Forge only: AUTOMATIC1111 "
@@ -99,14 +99,22 @@ def modules_from_state_dict(
             float(own_alpha) if own_alpha is not None else float(alpha or down.shape[0]),
             weights.get(f"{path}.lora.magnitude"),
         )
-    factored: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in weights.items():
-        path, _, name = key.rpartition(".lora.")
-        if name.startswith(FACTOR_PREFIXES):
-            factored.setdefault(path, {})[name] = value
-    for path, tensors in factored.items():
+    for path, tensors in group_factors(weights, ".lora.").items():
         modules[canonical(path)] = factors(tensors, weights[f"{path}.lora.alpha"])
     return modules
+
+
+def group_factors(
+    tensors: dict[str, torch.Tensor], sep: str = "."
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The LoHa and LoKr factors of a file, by module: `<module><sep><factor name>` -> {module:
+    {factor name: tensor}}."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        module, _, name = key.rpartition(sep)
+        if name.startswith(FACTOR_PREFIXES):
+            grouped.setdefault(module, {})[name] = value
+    return grouped
 
 
 # LyCORIS's factor names, by adapter kind.
@@ -384,6 +392,17 @@ def sharing_metadata(
     }
 
 
+def written_here(path: str | Path) -> bool:
+    """Whether a safetensors file is one this project wrote (its metadata says so), which its
+    scripts may replace."""
+    try:
+        metadata = read_safetensors_header(path)[0].get("__metadata__", {})
+    except WeightsError:
+        return False
+    # Exports before WRITTEN_BY was recorded carried a lora_format entry.
+    return metadata.get("written_by") == WRITTEN_BY["written_by"] or "lora_format" in metadata
+
+
 def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
     """kohya's `sshs_model_hash`: the SHA-256 of the tensor data as safetensors lays it out (the
     bytes after the header), so that it does not change with the metadata."""
@@ -453,12 +472,7 @@ def from_state_dict(
                 f"knows (first: {unknown[0]}); LoRA, LoCon, DoRA, LoHa and LoKr keys load"
             )
         modules: LoRAModules = {}
-        factored: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            name, _, factor = key.rpartition(".")
-            if factor.startswith(FACTOR_PREFIXES):
-                factored.setdefault(name, {})[factor] = value
-        for name, found in factored.items():
+        for name, found in group_factors(tensors).items():
             if f"{name}.dora_scale" in tensors:
                 raise LoRAError(f"{name} is a LyCORIS adapter with weight decomposition "
                                 "(dora_scale), which this project does not read")  # fmt: skip
@@ -498,12 +512,7 @@ def from_state_dict(
             component, _, field = k.partition(".")
             configs.setdefault(component, {})[field] = v
     modules = {}
-    factored = {}
-    for key, value in tensors.items():
-        path, _, factor = key.rpartition(".")
-        if factor.startswith(FACTOR_PREFIXES):
-            factored.setdefault(path, {})[factor] = value
-    for path, found in factored.items():
+    for path, found in group_factors(tensors).items():
         component, inner = split_component(path)
         config = configs.get(component, {})
         alpha = config.get("alpha_pattern", {}).get(inner, config.get("alpha"))

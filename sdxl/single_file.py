@@ -331,11 +331,16 @@ def write_single_file(
 ) -> Path:
     """Write a model's four parts (diffusers-layout state dicts by name: unet, text_encoder,
     text_encoder_2, vae) as one SGM safetensors file, via a temporary name; `dtype` casts the
-    floating-point tensors (the VAE's too, as single files hold it)."""
+    floating-point tensors (the VAE's too, as single files hold it). Its metadata: Stability's
+    model-spec keys (titled by the file's name), the project's mark, and `metadata`."""
     from safetensors.torch import save_file
 
     from sdxl.files import atomic_write
+    from sdxl.lora_formats import WRITTEN_BY
 
+    spec = {"modelspec.sai_model_spec": "1.0.0", "modelspec.title": Path(path).stem,
+            "modelspec.architecture": "stable-diffusion-xl-v1-base"}  # fmt: skip
+    metadata = {**spec, **WRITTEN_BY, **(metadata or {})}
     layers_g = 1 + max(int(k.split(".")[3]) for k in parts["text_encoder_2"] if ".layers." in k)
     state = sgm_state_dict(
         parts["unet"], parts["text_encoder"], parts["text_encoder_2"], parts["vae"], layers_g

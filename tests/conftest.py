@@ -70,6 +70,13 @@ def unet_inputs(seed: int = 0, batch: int = 2):
     return x, torch.tensor([100, 700][:batch]), ctx, cond
 
 
+def close(actual, expected) -> None:
+    """fp32, the same weights: within 1e-5 of the largest value (the parity tests' bar)."""
+    import torch
+
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
 def randomize_adapters(model, seed: int = 1) -> None:
     """Non-zero adapters, ours or peft's: up and down random, DoRA magnitudes moved off ||W||."""
     import torch

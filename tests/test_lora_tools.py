@@ -138,6 +138,12 @@ def test_merge_equals_the_loras_applied_and_extract_recovers_the_lora(
     run("merge", "--base", tiny_model, f"{tmp_path / 'a.safetensors'}:0.7", tmp_path / "k.safetensors",
         "--output", merged, "--dtype", "fp32")  # fmt: skip
 
+    with safe_open(
+        merged, "pt"
+    ) as f:  # a model file ComfyUI and AUTOMATIC1111 list, ours to replace
+        meta = f.metadata()
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+    assert meta["modelspec.title"] == "merged" and meta["written_by"] == "sdxl-lora"
     # the file loads in our single-file loader bitwise as the merged models
     from sampling.inference import apply_lora
     from sdxl.checkpoint import read_lora_weights

@@ -24,7 +24,7 @@ from sdxl.checkpoint import (
 from sdxl.errors import UserError
 from sdxl.files import FolderLock, make_folder, remove_stale_tmp
 from sdxl.lora import get_lora_state_dict, load_lora_state_dict
-from sdxl.lora_formats import WRITTEN_BY, modules_from_state_dict, save_lora_file
+from sdxl.lora_formats import modules_from_state_dict, save_lora_file
 from sdxl.pretrained import frozen_parts
 from sdxl.single_file import write_single_file
 from training.optimizers import tensor_learning_rates
@@ -122,10 +122,9 @@ def save_checkpoint(
         write_unet_file(shared, tr.unet.state_dict(), {"step": state.step})
     elif not lora:  # the whole model as one SGM file, the UNet in its training precision
         frozen = frozen_parts(config["pretrained_model"], config.get("vae"))
-        metadata = {"modelspec.sai_model_spec": "1.0.0", "step": str(state.step),
-                    "modelspec.architecture": "stable-diffusion-xl-v1-base",
-                    "modelspec.title": path.stem, **WRITTEN_BY}  # fmt: skip
-        write_single_file({"unet": tr.unet.state_dict(), **frozen}, shared, metadata=metadata)
+        write_single_file(
+            {"unet": tr.unet.state_dict(), **frozen}, shared, metadata={"step": str(state.step)}
+        )
     elif config["lora_save_format"] != "none":  # ready for ComfyUI, AUTOMATIC1111, diffusers
         modules = modules_from_state_dict(ckpt["lora"])
         fmt, layers = config["lora_save_format"], tr.unet.config.layers_per_block
