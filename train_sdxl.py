@@ -93,22 +93,22 @@ def main(args: argparse.Namespace) -> Path | int:
                 state.step, run.max_steps, args.save_interval, epoch_done, bool(stopped)
             )
             validating = bool(args.validation_steps) and state.step % args.validation_steps == 0
-            if dist.main and run.val_batches and (validating or kinds) and not stopped:
+            takes_part = dist.main or tr.sharded  # (sharded: every process validates and saves)
+            if takes_part and run.val_batches and (validating or kinds) and not stopped:
                 record["val_loss"] = float(validate(tr, run.val_batches))
-            if dist.main and run.prompts and validating:
-                path = output_dir / f"validation_step{state.step:06d}.png"
+            if takes_part and run.prompts and validating:
                 n, size = args.validation_sampling_steps, specs.data.size
-                save_grid(
-                    validation_images(
-                        tr, run.parts, run.prompts, seed=args.seed, size=size, steps=n
-                    ),
-                    path,
+                grid = validation_images(
+                    tr, run.parts, run.prompts, seed=args.seed, size=size, steps=n
                 )
-                metrics.log_image("validation", path, state.step)
+                path = output_dir / f"validation_step{state.step:06d}.png"
+                if dist.main:
+                    save_grid(grid, path)
+                    metrics.log_image("validation", path, state.step)
             metrics.log(record)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             bar.update(1)
-            if dist.main and kinds:  # the lowest-loss checkpoint follows val_loss if there is one
+            if takes_part and kinds:  # the lowest-loss checkpoint follows val_loss if there is one
                 lowest = not stopped and state.improves(record.get("val_loss", state.smoothed_loss))
                 saved = save_checkpoints(output_dir, kinds, lowest, tr, state, run.config, run.tags)
                 last = saved or last
@@ -178,40 +178,47 @@ def set_up(args: argparse.Namespace, specs: TrainSpecs) -> Run:
     alloc_conf = default_allocator()  # before CUDA starts
     check_optimizer(specs.optimizer)  # a bad --optimizer_args key, before the model loads
     records, data, val_data, reg_data = read_data(specs.data)
-    dist = init_distributed(args.device, args.ddp_timeout)
-    if specs.data.bucket and dist.main:
-        print(bucket_table(data.targets))
-    per_epoch = steps_per_epoch(data, args.batch_size, dist.world, args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_epochs * per_epoch
     prompts = read_prompt_file(args.validation_prompts) if args.validation_prompts else []
     resume = load_checkpoint(args.resume) if args.resume else None
-    precision = resolve_precision(args.precision, dist.device, not args.use_lora, args.full_bf16)
-    model_folder = resolve_model(args.pretrained_model, half=precision.unet_dtype != torch.float32)
-    schedule = schedule_of(model_folder, args.prediction_type, args.zero_terminal_snr)
-    predicted = None
-    if dist.device.type == "cuda" and dist.main:  # stops here if the run would not fit the card
-        predicted = predict_on_cuda(specs, model_folder, validation_of(args, prompts), dist.device)
-    output_dir = Path(args.output_dir)
-    config = resolved_config(args, model_folder, precision.name, schedule.prediction_type)
-    config |= {"resolved_device": str(dist.device), "processes": dist.world}
-    config["cuda_alloc_conf"] = alloc_conf
-    # One run per folder: a folder that holds another run is refused (see --overwrite).
-    lock = claim_output_dir(output_dir, args.resume, args.overwrite) if dist.main else None
-    try:
+    accum = args.gradient_accumulation_steps
+    dist = init_distributed(args.device, args.ddp_timeout, group=args.fsdp)
+    lock = None
+    try:  # (a failure from here on leaves neither the folder's lock nor the process group held)
+        if specs.data.bucket and dist.main:
+            print(bucket_table(data.targets))
+        per_epoch = steps_per_epoch(data, args.batch_size, dist.world, accum)
+        max_steps = args.max_train_steps or args.num_epochs * per_epoch
+        precision = resolve_precision(
+            args.precision, dist.device, not args.use_lora, args.full_bf16
+        )
+        model_folder = resolve_model(
+            args.pretrained_model, half=precision.unet_dtype != torch.float32
+        )
+        schedule = schedule_of(model_folder, args.prediction_type, args.zero_terminal_snr)
+        predicted = None
+        if dist.device.type == "cuda" and dist.main:  # stops here if the run would not fit the card
+            val = validation_of(args, prompts)
+            predicted = predict_on_cuda(specs, model_folder, val, dist.device, dist.world)
+        output_dir = Path(args.output_dir)
+        config = resolved_config(args, model_folder, precision.name, schedule.prediction_type)
+        config |= {"resolved_device": str(dist.device), "processes": dist.world}
+        config["cuda_alloc_conf"] = alloc_conf
+        # One run per folder: a folder that holds another run is refused (see --overwrite).
+        lock = claim_output_dir(output_dir, args.resume, args.overwrite) if dist.main else None
         if lock is not None:
             write_json(config, output_dir / "config.json")
         sets = [data, val_data, reg_data]
         parts, (data, val_data, reg_data), tr, encoded = load_models(
             args, specs, model_folder, precision, dist, sets, max_steps, prompts
         )
+        state = TrainState()
+        if resume is not None:
+            restore_checkpoint(resume, Path(args.resume), tr, state)
     except BaseException:
         if lock is not None:
             lock.release()
+        dist.close()
         raise
-    state = TrainState()
-    if resume is not None:
-        restore_checkpoint(resume, Path(args.resume), tr, state)
-    accum = args.gradient_accumulation_steps
     # Every step's micro-batches, from where the run stands (mid-epoch, for a resumed run), and
     # the regularisation micro-batches paired with them (none without --reg_data_dir).
     steps = optimizer_steps(
@@ -277,7 +284,8 @@ def estimate_memory(args: argparse.Namespace, specs: TrainSpecs) -> int:
     from training.preflight import report
 
     prompts = read_prompt_file(args.validation_prompts) if args.validation_prompts else []
-    print(report(specs, args.pretrained_model, validation_of(args, prompts)))
+    validation = validation_of(args, prompts)
+    print(report(specs, args.pretrained_model, validation, args.num_processes or 1))
     return 0
 
 

@@ -151,7 +151,7 @@ def check_args(args: argparse.Namespace) -> None:
     check_adapter_args(args)
     check_full_args(args)
     check_trackers(args)
-    optimizer_args(args.optimizer, args.optimizer_args)
+    optimizer_args(args.optimizer, args.optimizer_args, not args.estimate_memory)
     if args.reg_data_dir is not None:
         check_data_dir(args.reg_data_dir)
     if args.bucket and min(args.image_size) < 64:
@@ -169,7 +169,7 @@ def check_args(args: argparse.Namespace) -> None:
         read_prompt_file(args.validation_prompts)
     check_file(args.resume, "--resume")
     check_output_dir(args.output_dir, "--output_dir")
-    check_numbers(args, {"ddp_timeout": POSITIVE})
+    check_numbers(args, {"ddp_timeout": POSITIVE, "num_processes": AT_LEAST_1})
     if args.cache_dir is not None:
         check_output_dir(args.cache_dir, "--cache_dir")
 
@@ -260,6 +260,10 @@ def check_full_args(args: argparse.Namespace) -> None:
     if args.use_lora and args.save_model_as is not None:
         raise UserError("--save_model_as is for full fine-tuning; a LoRA's file format is "
                         "--lora_save_format")  # fmt: skip
+    if args.fsdp and args.use_lora:
+        raise UserError("--fsdp shards a full fine-tune's weights; a LoRA's are few, and torchrun "
+                        "without --fsdp trains it data-parallel (DDP)")  # fmt: skip
+    check_fsdp_args(args)
     for name in ("full_bf16", "fused_backward_pass"):
         if getattr(args, name) and args.use_lora:
             raise UserError(f"--{name} is for full fine-tuning (a LoRA's weights are few and "
@@ -280,6 +284,22 @@ def check_full_args(args: argparse.Namespace) -> None:
         raise UserError("--fused_backward_pass steps each parameter before the others' gradients "
                         "exist, so the global norm clipping needs is never known; drop "
                         "--max_grad_norm")  # fmt: skip
+
+
+def check_fsdp_args(args: argparse.Namespace) -> None:
+    """What --fsdp does not go with, each in one line that says why."""
+    if args.num_processes is not None and not args.estimate_memory:
+        raise UserError("--num_processes sets the processes --estimate_memory predicts for; "
+                        "a run's processes are torchrun's --nproc_per_node")  # fmt: skip
+    if not args.fsdp:
+        return
+    for name in ("full_bf16", "fused_backward_pass", "compile"):
+        if getattr(args, name):
+            raise UserError(f"--fsdp keeps fp32 master weights sharded and steps them with "
+                            f"AdamW after the backward pass; drop --{name} or --fsdp")  # fmt: skip
+    if args.optimizer != "adamw":
+        raise UserError(f"--fsdp steps torch's AdamW on the sharded weights; --optimizer "
+                        f"{args.optimizer} does not take sharded tensors here")  # fmt: skip
 
 
 def check_adapter_args(args: argparse.Namespace) -> None:
@@ -338,13 +358,13 @@ def check_adapter_args(args: argparse.Namespace) -> None:
         raise UserError("--block_alphas needs --block_dims")
 
 
-def optimizer_args(optimizer: str, pairs: list[str]) -> dict[str, object]:
+def optimizer_args(optimizer: str, pairs: list[str], installed: bool = True) -> dict[str, object]:
     """`--optimizer_args key=value ...` as keyword arguments (values read as Python literals: 0.9,
-    True, (0.9, 0.99); a bare word is a string), and the optimizer's package installed: checked
-    before the heavy imports. Keys the optimizer does not take are found when it is built, before
-    the model loads (training/optimizers.py)."""
+    True, (0.9, 0.99); a bare word is a string), and (`installed`) the optimizer's package
+    installed: checked before the heavy imports. Keys the optimizer does not take are found when it
+    is built, before the model loads (training/optimizers.py)."""
     package = OPTIMIZER_PACKAGES.get(optimizer)
-    if package is not None and importlib.util.find_spec(package) is None:
+    if installed and package is not None and importlib.util.find_spec(package) is None:
         raise UserError(f"--optimizer {optimizer} needs {package}: uv sync --extra optimizers")
     kwargs: dict[str, object] = {}
     for pair in pairs:
@@ -436,7 +456,7 @@ def training_specs(args: argparse.Namespace) -> TrainSpecs:
         text_encoder_lr=tuple(args.text_encoder_lr) if args.text_encoder_lr else None,
         eps=args.adam_epsilon,
         weight_decay=args.adam_weight_decay,
-        extra=optimizer_args(args.optimizer, args.optimizer_args),
+        extra=optimizer_args(args.optimizer, args.optimizer_args, not args.estimate_memory),
         lr_scheduler=args.lr_scheduler,
         warmup_steps=args.lr_warmup_steps,
         max_grad_norm=(1.0 if args.max_grad_norm is None and not args.fused_backward_pass
@@ -454,6 +474,7 @@ def training_specs(args: argparse.Namespace) -> TrainSpecs:
         compile_backend=args.compile_backend,
         seed=args.seed,
         full_bf16=args.full_bf16,
+        fsdp=args.fsdp,
     )
     return TrainSpecs(data, model, adapter, loss, optimizer, step)
 
@@ -775,6 +796,13 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "adamw8bit or adafactor, one process, no accumulation, no clipping",
     )
     g.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="full fine-tuning under torchrun with the UNet's fp32 weights, gradients and AdamW "
+        "state sharded over the processes (PyTorch's FSDP2; bf16 compute on GPUs); checkpoints "
+        "are saved sharded and resume with any number of processes",
+    )
+    g.add_argument(
         "--snr_gamma",
         type=float,
         default=None,
@@ -915,6 +943,13 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         help="print the run's predicted GPU memory (max_memory_reserved) phase by phase and exit: "
         "on any machine, in seconds, without weights or a GPU (with the data folder if it is "
         "there, for its largest bucket)",
+    )
+    g.add_argument(
+        "--num_processes",
+        type=int,
+        default=None,
+        help="with --estimate_memory: the torchrun processes to predict for (--fsdp shards over "
+        "them; default: 1)",
     )
     g.add_argument(
         "--ddp_timeout",

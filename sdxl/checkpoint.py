@@ -10,7 +10,9 @@ holds everything a run needs to continue exactly where it stopped:
     unet_config   the UNet's architecture
     unet_file     full fine-tuning: the safetensors file beside it that holds the UNet (None for
                   LoRA): a single SGM file (UNet, text encoders, VAE), or the UNet alone
-    optimizer, lr_scheduler, scaler, ema, rng
+    sharded       --fsdp: the folder beside it (`name.dcp`) whose shards hold the UNet's weights,
+                  the optimizer's state and the EMA (training/sharded.py); else None
+    optimizer, lr_scheduler, scaler, ema, rng   (optimizer and ema None when sharded)
     config        the run's resolved configuration: its flags, paths made absolute, base_model
     tag_frequency the captions' tag counts per dataset folder (for the shared LoRA files' metadata)
     timestamp
@@ -34,6 +36,7 @@ beside the config, which now says them once.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -79,11 +82,12 @@ def checkpoint_path(folder: Path, kind: str, step: int, epoch: int, lora: bool) 
 
 
 def remove_checkpoint(path: Path) -> None:
-    """A checkpoint and the files that belong to it: the weights beside it (and the format-1 UNet
-    name)."""
+    """A checkpoint and the files that belong to it: the weights beside it, its shards (--fsdp),
+    and the format-1 UNet name."""
     legacy = path.with_name("unet_" + path.stem.removeprefix("lora_") + ".safetensors")
     for p in (path, path.with_suffix(".safetensors"), legacy):
         p.unlink(missing_ok=True)
+    shutil.rmtree(path.with_suffix(".dcp"), ignore_errors=True)  # --fsdp's shards
 
 
 def prune_step_checkpoints(folder: Path, keep_last: int) -> None:

@@ -21,6 +21,7 @@ import datetime
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -172,23 +173,38 @@ class Distributed:
 
         return average
 
+    def from_main(self, value: Any) -> Any:
+        """The first process's `value` on every process (a decision they must share, such as a
+        checkpoint's name). A no-op with one process."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
+
     def close(self) -> None:
-        if self.world > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def init_distributed(device: str, timeout_minutes: float = 240) -> Distributed:
+def init_distributed(device: str, timeout_minutes: float = 240, group: bool = False) -> Distributed:
     """One process, or under torchrun (WORLD_SIZE > 1) a member of the process group: NCCL with one
     GPU per process, gloo on the CPU. The others wait for the first process while it alone builds
     the caches or renders validation images, for up to `timeout_minutes` (NCCL's default, 10
-    minutes, would end a run whose cache takes longer)."""
+    minutes, would end a run whose cache takes longer). With `group`, one process forms a group of
+    its own (FSDP shards over a group, even of one: a sharded run resumed on one GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Distributed(0, 1, resolve_device(device))
-    cuda = resolve_device(device).type == "cuda"
+    local = resolve_device(device)
+    if world == 1 and not group:
+        return Distributed(0, 1, local)
     timeout = datetime.timedelta(minutes=timeout_minutes)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
-    local = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
+    backend = "nccl" if local.type == "cuda" else "gloo"
+    if world == 1:  # no torchrun: nothing to rendezvous with
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
+        if local.type == "cuda":
+            local = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if local.type == "cuda":
         torch.cuda.set_device(local)
     return Distributed(dist.get_rank(), world, local)

@@ -128,8 +128,8 @@ def remove_stale_tmp(folder: Path) -> int:
     """Remove the temporary files a crashed writer left in the folder; returns how many. Call it
     only while holding the folder's lock, when no other writer can be mid-write."""
     stale = list(folder.glob(f".*{TMP_SUFFIX}"))
-    for path in stale:
-        path.unlink(missing_ok=True)
+    for path in stale:  # (a folder: a sharded checkpoint's, training/sharded.py)
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     return len(stale)
 
 

@@ -33,6 +33,7 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -124,6 +125,7 @@ class MemoryTrace(TorchDispatchMode):
     _host_hooks: dict[int, list] = field(default_factory=dict)
     _made: dict[Any, tuple] = field(default_factory=dict)  # what ops made, by signature (_run)
     _phase_peak: int = 0
+    notes: list[str] = field(default_factory=list)  # what `modelled` added
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -208,6 +210,18 @@ class MemoryTrace(TorchDispatchMode):
         self.phases.append(Phase(name or "(other set-up)", live, self.peak, phase_peak))
         self._phase_peak = 0
 
+    def modelled(self, name: str, delta: int, first: str) -> None:
+        """What the trace could not run, modelled: `delta` bytes more (or fewer) in every phase
+        from the one whose name starts with `first` on, and `name` among the report's notes."""
+        start = next(i for i, p in enumerate(self.phases) if p.name.startswith(first))
+        peak = self.phases[start - 1].reserved if start else 0
+        for p in self.phases[start:]:
+            p.live += delta
+            p.peak_in_phase += delta
+            peak = p.reserved = max(peak, p.peak_in_phase)
+        self.peak = peak
+        self.notes.append(f"{name}: {delta / GiB:+.2f} GiB from '{self.phases[start].name}' on")
+
     def report(self) -> str:
         rows = [f"{'phase (GiB)':58} {'live':>6} {'peak':>6} {'so far':>7}"]
         for p in self.phases:
@@ -215,6 +229,7 @@ class MemoryTrace(TorchDispatchMode):
                 f"{p.name:58} {p.live / GiB:6.2f} {p.peak_in_phase / GiB:6.2f} "
                 f"{p.reserved / GiB:7.2f}"
             )
+        rows += [f"modelled, not traced: {note}" for note in self.notes]
         rows.append(f"predicted max_memory_reserved: {self.peak / GiB:.2f} GiB")
         return "\n".join(rows)
 
@@ -353,7 +368,18 @@ class MemoryTrace(TorchDispatchMode):
             meta = device is not None and torch.device(device).type == "meta"
             return randn(*args, generator=None if meta else generator, device=device, **kw)
 
+        autocast = torch.autocast
+
+        def meta_autocast(device_type: str, *args: Any, **kwargs: Any) -> Any:
+            """CUDA's autocast, which the meta device does not have: `MetaAutocast`."""
+            if device_type != "cuda":
+                return autocast(device_type, *args, **kwargs)
+            return MetaAutocast(kwargs.get("dtype", torch.bfloat16))
+
+        unet: Any = importlib.import_module("sdxl.unet")
         return [
+            (torch, "autocast", meta_autocast),
+            (unet, "checkpoint", MetaAutocast.checkpoint(unet.checkpoint)),
             (torch.nn.Module, "to", to),
             (F, "scaled_dot_product_attention", efficient_attention),
             (adam, "_get_capturable_supported_devices", lambda *a, **k: devices),
@@ -391,6 +417,59 @@ def efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _EfficientAttention.apply(q, k, v)
     return torch.empty_like(q)
+
+
+class MetaAutocast(TorchFunctionMode):
+    """torch.autocast("cuda") as the meta device should see it (it has no autocast of its own, so
+    full fine-tuning's activations would be traced in fp32): the matrix products and convolutions
+    take their floating inputs in the low dtype, the norms, softmax and losses in fp32, as CUDA's
+    autocast lists them; what autograd saves for backward is then what a GPU saves."""
+
+    LOW = {F.linear, F.conv2d, torch.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.addmm,
+           torch.Tensor.__matmul__, torch.einsum}  # fmt: skip
+    FP32 = {F.group_norm, F.layer_norm, F.softmax, torch.softmax, torch.Tensor.softmax,
+            F.mse_loss, F.l1_loss, F.huber_loss, F.smooth_l1_loss}  # fmt: skip
+
+    active: list[MetaAutocast] = []  # the modes in force, innermost last
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __enter__(self) -> MetaAutocast:
+        MetaAutocast.active.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        MetaAutocast.active.pop()
+        super().__exit__(*exc)
+
+    @staticmethod
+    def checkpoint(checkpoint: Callable) -> Callable:
+        """torch.utils.checkpoint as it behaves under CUDA's autocast: the recompute in backward
+        runs under the autocast of the forward (here, `MetaAutocast` again)."""
+
+        def recomputed_alike(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+            if not MetaAutocast.active:
+                return checkpoint(fn, *args, **kwargs)
+            dtype = MetaAutocast.active[-1].dtype
+            contexts = lambda: (contextlib.nullcontext(), MetaAutocast(dtype))  # noqa: E731
+            return checkpoint(fn, *args, context_fn=contexts, **kwargs)
+
+        return recomputed_alike
+
+    def __torch_function__(self, func, types, op_args=(), op_kwargs=None):
+        kwargs = op_kwargs or {}
+        to = self.dtype if func in self.LOW else torch.float32 if func in self.FP32 else None
+        if to is not None:
+
+            def cast(x: Any) -> Any:
+                floating = isinstance(x, torch.Tensor) and x.is_floating_point()
+                return x.to(to) if floating and x.dtype != torch.float64 else x
+
+            flat, spec = tree_flatten((op_args, kwargs))
+            op_args, kwargs = tree_unflatten([cast(x) for x in flat], spec)
+        return func(*op_args, **kwargs)
 
 
 class _Stream:

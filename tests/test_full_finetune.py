@@ -189,12 +189,13 @@ def test_what_the_new_modes_cannot_do_is_one_line(tiny_model, tmp_path, flags, m
         train_sdxl.main(train_sdxl.parse_args(train_argv(tiny_model, tmp_path, *flags)))
 
 
-def test_the_preflight_traces_the_new_modes_and_stands_in_for_adafactor(tiny_model):
+def test_the_preflight_traces_the_new_modes_and_models_other_optimizers(tiny_model):
     """The preflight runs --full_bf16 and --fused_backward_pass themselves on the meta device:
     bf16 weights predict less than fp32 ones, and freeing each gradient in the backward pass less
     again. An optimizer that reads values back (Adafactor) cannot step there: AdamW is traced in
-    its place, and the note (which the report prints) says so (it used to stop with a traceback)."""
-    from training.preflight import estimate_training, stand_in
+    its place, the note (which the report prints) says so, and the difference of their states is
+    modelled from the step on (it used to stop with a traceback)."""
+    from training.preflight import estimate_training, stand_in, state_bytes
 
     def specs_of(name="adamw", fused=False, full_bf16=False):
         optimizer = OptimizerSpec(name=name, fused_backward_pass=fused, max_grad_norm=0.0)
@@ -208,10 +209,42 @@ def test_the_preflight_traces_the_new_modes_and_stands_in_for_adafactor(tiny_mod
 
     plain = estimate_training(specs_of(), tiny_model).peak
     bf16 = estimate_training(specs_of(full_bf16=True), tiny_model).peak
-    fused = estimate_training(specs_of(fused=True, full_bf16=True), tiny_model).peak
-    assert fused < bf16 < plain, (fused, bf16, plain)
+    fused = estimate_training(specs_of(fused=True, full_bf16=True), tiny_model)
+    assert fused.peak < bf16 < plain, (fused.peak, bf16, plain)
     assert stand_in(specs_of(fused=True, full_bf16=True))[1] is None
-    traced, note = stand_in(specs_of("adafactor", fused=True, full_bf16=True))
+    specs = specs_of("adafactor", fused=True, full_bf16=True)
+    traced, note = stand_in(specs)
     assert traced.optimizer.name == "adamw" and traced.step.full_bf16
-    assert note is not None and "--optimizer adafactor" in note and "upper bound" in note
-    assert note.startswith("traced with AdamW's step in place of this run's")
+    assert note is not None and "--optimizer adafactor" in note and "modelled" in note
+    adafactor = estimate_training(specs, tiny_model)
+    params = list(load_sdxl(tiny_model, torch.float32).unet.parameters())
+    delta = state_bytes(specs.optimizer, params) - state_bytes(OptimizerSpec(), params)
+    steps = [(a, b) for a, b in zip(adafactor.phases, fused.phases) if a.name.startswith("step")]
+    assert delta < 0 and len(steps) == 2 and adafactor.peak < fused.peak
+    assert all(a.peak_in_phase == b.peak_in_phase + delta for a, b in steps)
+    assert "adafactor's state in place of AdamW's" in adafactor.report()
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "prodigy"])
+def test_the_modelled_optimizer_state_is_the_real_ones(name):
+    """The preflight's bytes of each optimizer's state equal what the optimizer keeps after a step
+    (on tensors of every rank a UNet has: conv, linear, bias)."""
+    from training.optimizers import build_optimizer
+    from training.preflight import state_bytes
+
+    torch.manual_seed(0)
+    shapes = [(8, 4, 3, 3), (16, 12), (16,), (5000,)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    spec = OptimizerSpec(name=name, learning_rate=1.0 if name == "prodigy" else 1e-3)
+    optimizer, _ = build_optimizer([(f"unet.p{i}", p) for i, p in enumerate(params)], ["unet"],
+                                   spec, 10)  # fmt: skip
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    kept = sum(
+        t.numel() * t.element_size()
+        for state in optimizer.state.values()
+        for t in state.values()
+        if isinstance(t, torch.Tensor) and t.dim() > 0
+    )
+    assert state_bytes(spec, params) == kept

@@ -161,7 +161,7 @@ def test_fp8_base_stays_close_to_bf16_and_keeps_what_it_should(tiny_model):
 
 def test_lora_on_an_fp8_base_trains(tiny_model, tmp_path):
     """LoRA and conv LoRA on the fp8 base: only adapters are trainable, and at a fixed batch the
-    loss falls at least 2x in 30 steps (measured 1.35 -> 0.015), the fp8 weights untouched."""
+    loss falls at least 2x in 8 steps (measured 1.35 -> 0.25), the fp8 weights untouched."""
     from conftest import EXAMPLES, tiny_specs
 
     from sdxl.device import Distributed, resolve_precision
@@ -187,13 +187,13 @@ def test_lora_on_an_fp8_base_trains(tiny_model, tmp_path):
         parts.text_encoder.encode,
         resolve_precision("fp32", cpu.device),
         cpu,
-        max_steps=30,
+        max_steps=8,
     )
     stored = {k: v.clone() for k, v in tr.unet.state_dict().items() if v.dtype == FP8}
     assert len(stored) > 50
     data = TrainingData(scan(EXAMPLES)[:2], 32, rules=SampleRules(center_crop=True))
     batch = collate([data[(0, 0)], data[(1, 1)]])
-    losses = [train_step(tr, [batch], [])[0].item() for _ in range(30)]
+    losses = [train_step(tr, [batch], [])[0].item() for _ in range(8)]
     print(f"fp8 base: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < losses[0] / 2, losses
     for name, p in tr.unet.named_parameters():

@@ -29,6 +29,7 @@ from sdxl.pretrained import frozen_parts
 from sdxl.single_file import write_single_file
 from training.optimizers import tensor_learning_rates
 from training.scan import Record
+from training.sharded import gathered_unet, load_sharded, save_sharded
 from training.train_loop import Trainer, TrainState
 from training.train_util import rng_state, set_rng_state
 
@@ -44,6 +45,7 @@ RUN_FILES = (
     "wandb",
     "tensorboard",
     *(f"{prefix}_*.{ext}" for prefix in ("lora", "full", "unet") for ext in ("pt", "safetensors")),
+    "full_*.dcp",
 )
 # What a run leaves before its first checkpoint: a run that failed early, nothing to keep.
 START_FILES = ("config.json", "metrics.jsonl", "tensorboard")
@@ -98,8 +100,16 @@ def save_checkpoint(
     """Write one checkpoint and, beside it under the same name, the weights to share: the LoRA in
     --lora_save_format (its metadata derived from the checkpoint), or for full fine-tuning the
     UNet. `config` is the run's resolved configuration: plain values only, as weights_only loading
-    requires."""
+    requires. Sharded (--fsdp), every process calls it: each writes its shards into `name.dcp`, the
+    full weights are gathered for the shared file, and the first process writes the rest."""
     lora = bool(config["use_lora"])
+    unet = None if lora else tr.unet.state_dict()
+    if tr.sharded:
+        ema = tr.ema.shadow if tr.ema is not None else None
+        save_sharded(path.with_suffix(".dcp"), tr.dist, tr.unet, tr.optimizer, ema)
+        unet = gathered_unet(tr.unet)
+        if not tr.dist.main:
+            return path
     ckpt: dict[str, Any] = {
         "step": state.step,
         "epoch": state.epoch,
@@ -109,22 +119,22 @@ def save_checkpoint(
         "lora": get_lora_state_dict(tr.models) if lora else None,
         "unet_config": asdict(tr.unet.config),
         "unet_file": None if lora else path.with_suffix(".safetensors").name,
-        "optimizer": tr.optimizer.state_dict(),
+        # --fsdp: the weights, optimizer state and EMA are the shards beside
+        "sharded": path.with_suffix(".dcp").name if tr.sharded else None,
+        "optimizer": None if tr.sharded else tr.optimizer.state_dict(),
         "lr_scheduler": tr.lr_scheduler.state_dict(),
         "scaler": tr.step.scaler.state_dict(),
-        "ema": tr.ema.state_dict() if tr.ema is not None else None,
+        "ema": tr.ema.state_dict() if tr.ema is not None and not tr.sharded else None,
         "rng": rng_state(),
         "config": config,
         "tag_frequency": tags,
     }
     shared = path.with_suffix(".safetensors")
-    if not lora and config.get("save_model_as") == "diffusers":  # the UNet alone
-        write_unet_file(shared, tr.unet.state_dict(), {"step": state.step})
-    elif not lora:  # the whole model as one SGM file, the UNet in its training precision
+    if unet is not None and config.get("save_model_as") == "diffusers":  # the UNet alone
+        write_unet_file(shared, unet, {"step": state.step})
+    elif unet is not None:  # the whole model as one SGM file, the UNet in its training precision
         frozen = frozen_parts(config["pretrained_model"], config.get("vae"))
-        write_single_file(
-            {"unet": tr.unet.state_dict(), **frozen}, shared, metadata={"step": str(state.step)}
-        )
+        write_single_file({"unet": unet, **frozen}, shared, metadata={"step": str(state.step)})
     elif config["lora_save_format"] != "none":  # ready for ComfyUI, AUTOMATIC1111, diffusers
         modules = modules_from_state_dict(ckpt["lora"])
         fmt, layers = config["lora_save_format"], tr.unet.config.layers_per_block
@@ -163,23 +173,24 @@ def save_checkpoints(
     """The checkpoints the loop asks for: each of `kinds` ("step", "epoch"), then with `lowest` a
     lowest-loss checkpoint that replaces the previous one (written before the old one is removed),
     then pruning to the newest --keep_last step checkpoints. Returns the path of the last step or
-    epoch checkpoint written. Reads the run's state; changes nothing in it."""
+    epoch checkpoint written. Reads the run's state; changes nothing in it. Sharded, every process
+    calls it, and the first one's names and decisions are everyone's."""
     lora = bool(config["use_lora"])
-    paths = [
-        save_checkpoint(
-            checkpoint_path(folder, k, state.step, state.epoch, lora), tr, state, config, tags
-        )
-        for k in kinds
-    ]
+    names = [checkpoint_path(folder, k, state.step, state.epoch, lora) for k in kinds]
     if lowest:
-        name = checkpoint_path(folder, "lowest", state.step, state.epoch, lora)
+        names.append(checkpoint_path(folder, "lowest", state.step, state.epoch, lora))
+    names = tr.dist.from_main(names) if tr.sharded else names
+    for name in names:
         save_checkpoint(name, tr, state, config, tags)
+    if not tr.dist.main:
+        return None
+    if lowest:
         for old in folder.glob("*_step*_lowest_loss.pt"):
-            if old != name:
+            if old != names[-1]:
                 remove_checkpoint(old)
     if "step" in kinds:
         prune_step_checkpoints(folder, config["keep_last"])
-    return paths[-1] if paths else None
+    return names[len(kinds) - 1] if kinds else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,12 +206,21 @@ def restore_checkpoint(ckpt: dict, path: Path, tr: Trainer, state: TrainState) -
             f"{path} was trained {'with' if lora else 'without'} --use_lora; resume with the "
             "flags it was trained with (resume_training.py --auto DIR does this)"
         )
-    if lora:
+    if ckpt.get("sharded"):  # the weights, the optimizer's state and the EMA from the shards
+        ema = tr.ema.shadow if tr.ema is not None else None
+        load_sharded(path.with_name(ckpt["sharded"]), tr.unet, tr.optimizer, ema)
+    elif tr.sharded:
+        raise CheckpointError(
+            f"{path} was saved without --fsdp; resume it without --fsdp (its optimizer state is "
+            "whole, a sharded run reads shards)"
+        )
+    elif lora:
         load_lora_state_dict(tr.models, ckpt["lora"])
     else:
         dtype = next(tr.unet.parameters()).dtype
         tr.unet.load_state_dict(unet_weights(ckpt, path, dtype, tr.device))
-    tr.optimizer.load_state_dict(ckpt["optimizer"])
+    if not ckpt.get("sharded"):
+        tr.optimizer.load_state_dict(ckpt["optimizer"])
     tensor_learning_rates(tr.optimizer, tr.device)  # the saved learning rates may be floats
     tr.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
     tr.step.scaler.load_state_dict(ckpt["scaler"])

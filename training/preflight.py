@@ -15,7 +15,8 @@ import contextlib
 import dataclasses
 import functools
 import io
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,12 +26,13 @@ import torch
 from sdxl.device import Distributed, Precision, resolve_precision
 from sdxl.errors import UserError
 from sdxl.files import cache_root
-from sdxl.memory import GiB, MemoryTrace, simulated_cuda_graphs
+from sdxl.memory import WORKSPACE, GiB, MemoryTrace, Phase, nbytes, simulated_cuda_graphs
 from sdxl.pretrained import SDXLParts, config_parts, model_configs
 from training.cache import ImageEncoder, TextEncoder, moments_as_given
 from training.data_loader import Batch, assign_buckets
 from training.scan import scan
-from training.specs import DataSpec, TrainSpecs
+from training.sharded import sharding_units
+from training.specs import DataSpec, OptimizerSpec, TrainSpecs
 from training.train_loop import (
     place_and_build,
     text_encoder_dtype,
@@ -59,46 +61,113 @@ class Phases(Protocol):
     def row(self, name: str | None) -> None: ...
 
 
-def stand_in(specs: TrainSpecs) -> tuple[TrainSpecs, str | None]:
+def stand_in(specs: TrainSpecs, processes: int = 1) -> tuple[TrainSpecs, str | None]:
     """The specs the trace runs, and why they are not the run's (None: they are). The trace runs
     the real step on the meta device (--full_bf16 and --fused_backward_pass included), which an
-    optimizer that reads values back cannot take: such a run is traced with AdamW."""
+    optimizer that reads values back cannot take: such a run is traced with AdamW, and its own
+    state modelled (`modelled`). A sharded run (--fsdp) is traced in one process with each
+    parameter stepped in the backward pass (so no full set of gradients exists, as under FSDP),
+    and the sharding over `processes` modelled."""
     reasons = []
     if specs.optimizer.name != "adamw":
         reasons.append(f"--optimizer {specs.optimizer.name} reads values back, which a trace on "
-                       "the meta device cannot (an upper bound for adafactor and adamw8bit, which "
-                       "keep less state; not for prodigy, which keeps more)")  # fmt: skip
+                       "the meta device cannot; its state is modelled")  # fmt: skip
+    optimizer = dataclasses.replace(specs.optimizer, name="adamw", extra={})
+    if specs.step.fsdp:
+        reasons.append(f"--fsdp: one process traced, its parameters each stepped in the backward "
+                       f"pass; the sharding over {processes} processes modelled")  # fmt: skip
+        optimizer = dataclasses.replace(optimizer, fused_backward_pass=True, max_grad_norm=0.0)
     if not reasons:
         return specs, None
-    optimizer = dataclasses.replace(specs.optimizer, name="adamw", extra={})
     note = "traced with AdamW's step in place of this run's: " + "; ".join(reasons)
-    return dataclasses.replace(specs, optimizer=optimizer), note
+    step = dataclasses.replace(specs.step, fsdp=False)
+    return dataclasses.replace(specs, optimizer=optimizer, step=step), note
 
 
 def estimate_training(
-    specs: TrainSpecs, model: Path, validation: Validation = Validation()
+    specs: TrainSpecs, model: Path, validation: Validation = Validation(), processes: int = 1
 ) -> MemoryTrace:
     """The run's phases traced (MemoryTrace.report() prints them), with batches of the data
     spec's size and batch size (`at_largest` makes them the run's largest batch); a run the trace
-    cannot take as it is, as `stand_in` says."""
-    specs = stand_in(specs)[0]
+    cannot take as it is, as `stand_in` says, with what it could not run modelled."""
+    traced = stand_in(specs, processes)[0]
     precision = resolve_precision(
-        specs.step.precision, torch.device("cuda"), specs.adapter is None, specs.step.full_bf16
+        traced.step.precision, torch.device("cuda"), traced.adapter is None, traced.step.full_bf16
     )
     parts = config_parts(
         model,
         precision.unet_dtype,
-        text_encoder_dtype(specs.adapter, precision),
-        specs.model.prediction_type,
-        specs.model.zero_terminal_snr,
-        specs.model.vae_tile_size,
+        text_encoder_dtype(traced.adapter, precision),
+        traced.model.prediction_type,
+        traced.model.zero_terminal_snr,
+        traced.model.vae_tile_size,
     )
     dist = Distributed(0, 1, torch.device("meta"))
     trace = MemoryTrace()
     quiet = contextlib.redirect_stdout(io.StringIO())  # the run's own lines (adapters, graphs)
     with quiet, trace, simulated_cuda_graphs(trace):
-        run_phases(specs, parts, precision, dist, specs.data.size, validation, trace)
+        run_phases(traced, parts, precision, dist, traced.data.size, validation, trace)
+    trained = [p for p in parts.unet.parameters() if p.requires_grad]
+    if specs.optimizer.name != "adamw":
+        delta = state_bytes(specs.optimizer, trained) - state_bytes(traced.optimizer, trained)
+        trace.modelled(f"{specs.optimizer.name}'s state in place of AdamW's", delta, "step 1")
+    if specs.step.fsdp:
+        sharded(trace, parts.unet, trained, precision, processes)
     return trace
+
+
+def state_bytes(optimizer: OptimizerSpec, params: Sequence[torch.Tensor]) -> int:
+    """The bytes of the optimizer's state for these parameters (fp32 where not said):
+    AdamW: two moments. adamw8bit (bitsandbytes): two 8-bit moments and an fp32 scale per block
+    of 256, for tensors of 4,096 elements or more (smaller ones: two fp32 moments). Adafactor
+    (transformers): a factored second moment, rows and columns, for tensors of 2 or more
+    dimensions (the full one otherwise), plus a first moment if beta1 is set. Prodigy: two
+    moments, its s and the initial weights."""
+    total = 0
+    for p in params:
+        n, shape = p.numel(), p.shape
+        if optimizer.name == "adamw8bit":
+            total += 2 * n + 8 * math.ceil(n / 256) if n >= 4096 else 8 * n
+        elif optimizer.name == "adafactor":
+            factored = 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1])
+            total += factored if p.dim() >= 2 else 4 * n
+            total += 4 * n if optimizer.extra.get("beta1") is not None else 0
+        elif optimizer.name == "prodigy":
+            total += 16 * n
+        else:
+            total += 8 * n
+    return total
+
+
+def sharded(
+    trace: MemoryTrace,
+    unet: torch.nn.Module,
+    trained: Sequence[torch.Tensor],
+    precision: Precision,
+    processes: int,
+) -> None:
+    """--fsdp, modelled on the one-process trace of fused steps (weights W and AdamW's state S
+    whole, gradients freed as they come): W, S and the fp32 gradients G sharded over the
+    processes, plus what a process holds gathered: the UNet's own weights (kept for the whole
+    step), two units' (the one running and the one prefetched), and the largest unit's gradient in
+    the compute dtype and in fp32 for its reduce-scatter. The optimizer's step after the backward
+    pass is a row of its own: W, G and S sharded, and AdamW's temporaries (a copy of W's shard)."""
+    weights = nbytes(list(trained))
+    adam, grads = state_bytes(OptimizerSpec(), trained), weights
+    low = 2 if precision.use_autocast else 4
+    own = [sum(p.numel() for p in m.parameters(recurse=False)) for m in sharding_units(unet)]
+    root = sum(p.numel() for p in unet.parameters(recurse=False))
+    largest = max(own)
+    gathered = low * (root + 3 * largest) + 4 * largest
+    arrive = weights // processes - weights  # each unit's shard arrives, not the whole UNet
+    trace.modelled(f"FSDP over {processes} processes: the weights sharded", arrive, "the UNet")
+    rest = (grads + adam) // processes - adam + gathered
+    trace.modelled("the gradients and AdamW's state sharded, units gathered", rest, "step 1")
+    step = (weights + grads + adam + weights) // processes + WORKSPACE
+    trace.peak = max(trace.peak, step)
+    trace.phases.append(
+        Phase("the optimizer step on the shards (modelled)", step, trace.peak, step)
+    )
 
 
 def run_phases(
@@ -289,26 +358,31 @@ def check_fits(
     )
 
 
-def report(specs: TrainSpecs, model_name: str, validation: Validation) -> str:
-    """--estimate_memory's table: the run's phases and the predicted max_memory_reserved."""
+def report(specs: TrainSpecs, model_name: str, validation: Validation, processes: int = 1) -> str:
+    """--estimate_memory's table: the run's phases and the predicted max_memory_reserved (of
+    each process, with `processes` of them)."""
     model, note = model_configs(model_name)
-    trace = estimate_training(at_largest(specs), model, validation)
-    return "\n".join([note, stand_in(specs)[1] or "", trace.report()]).strip()
+    trace = estimate_training(at_largest(specs), model, validation, processes)
+    return "\n".join([note, stand_in(specs, processes)[1] or "", trace.report()]).strip()
 
 
 def predict_on_cuda(
-    specs: TrainSpecs, model: Path, validation: Validation, device: torch.device
+    specs: TrainSpecs,
+    model: Path,
+    validation: Validation,
+    device: torch.device,
+    processes: int = 1,
 ) -> int:
     """At the start of a run on a GPU: the predicted max_memory_reserved, printed in one line; a
     run that would not fit the card stops here (`check_fits`)."""
-    trace = estimate_training(at_largest(specs), model, validation)
+    trace = estimate_training(at_largest(specs), model, validation, processes)
     total = torch.cuda.get_device_properties(device).total_memory
     print(
         f"memory preflight: predicted max_memory_reserved {trace.peak / GiB:.2f} GiB of the "
         f"card's {total / GiB:.1f} GiB (--estimate_memory shows each phase)"
     )
-    note = stand_in(specs)[1]
-    if note is not None:  # not this run's own prediction: it does not stop the run
+    note = stand_in(specs, processes)[1]
+    if note is not None:  # not this run's own trace: it does not stop the run
         print(f"memory preflight: {note}")
         return trace.peak
     check_fits(specs, model, validation, total, trace.peak)

@@ -162,6 +162,7 @@ class StepSpec:
     compile_backend: str = "inductor"
     seed: int = 0
     full_bf16: bool = False  # full fine-tuning: bf16 weights, updates stochastically rounded
+    fsdp: bool = False  # full fine-tuning: weights, gradients and optimizer state sharded (FSDP2)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from training.data_loader import Batch, sample_seed
 from training.ema import EMA
 from training.loss import noised_loss, training_loss
 from training.optimizers import build_optimizer, tensor_learning_rates
+from training.sharded import full_tensor, gradients_kept, is_sharded, shard_unet
 from training.specs import AdapterSpec, LossSpec, TrainSpecs
 
 
@@ -108,9 +109,19 @@ class Trainer:
     optimizer_update: Callable[[], torch.Tensor]  # `optimizer_update` over `step`, likewise
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     encode_text: TextEncoder
-    no_sync: Callable[[], contextlib.AbstractContextManager]  # DDP: skip the gradient sync
-    device: torch.device
+    no_sync: Callable[[], contextlib.AbstractContextManager]  # DDP, FSDP: skip the gradient sync
+    dist: Distributed
     seed: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def sharded(self) -> bool:
+        """--fsdp: every process holds a share of the weights, so all of them run every forward
+        (validation too) and write every checkpoint (training/sharded.py)."""
+        return is_sharded(self.step.unet)
 
     @property
     def unet(self) -> UNet2DConditionModel:
@@ -141,10 +152,14 @@ def build_trainer(
     # Adapters and fp8 storage while the UNet is on the host: the UNet then arrives in the form it
     # trains in, and a bf16 copy never reaches the device (which would set max_memory_reserved).
     models = torch.nn.ModuleDict(make_trainable(specs.adapter, specs.step.fp8_base, parts))
-    unet.to(dist.device)
+    if not specs.step.fsdp:  # (sharding moves each unit's shards there itself)
+        unet.to(dist.device)
     if specs.step.gradient_checkpointing:
         unet.enable_gradient_checkpointing(specs.step.checkpoint_interval)
-    unet.to(memory_format=torch.channels_last)  # the layout fast convolution kernels want
+    if specs.step.fsdp:  # after the checkpointing: FSDP gathers a unit's weights for its recompute
+        shard_unet(unet, precision, dist)  # (contiguous weights only: no channels_last)
+    else:
+        unet.to(memory_format=torch.channels_last)  # the layout fast convolution kernels want
     trained = [(n, p) for n, p in models.named_parameters() if p.requires_grad]
     if specs.optimizer.fused_backward_pass and dist.world > 1:
         raise UserError("--fused_backward_pass steps each parameter inside the backward pass, "
@@ -164,7 +179,7 @@ def build_trainer(
         print(describe_adapters(dict(models.items())))
     if specs.step.compile:  # last: the compiled blocks include the adapters and the checkpointing
         compile_blocks(unet, specs.step.compile_backend)
-    model = dist.wrap(unet)
+    model = unet if specs.step.fsdp else dist.wrap(unet)
     graphs = use_graphs(specs, dist)
     step = DeviceStep(
         unet=unet,
@@ -204,8 +219,12 @@ def build_trainer(
         optimizer_update=update,
         lr_scheduler=lr_scheduler,
         encode_text=encode_text,
-        no_sync=getattr(model, "no_sync", contextlib.nullcontext),
-        device=dist.device,
+        no_sync=(
+            functools.partial(gradients_kept, unet)
+            if specs.step.fsdp
+            else getattr(model, "no_sync", contextlib.nullcontext)
+        ),
+        dist=dist,
         seed=specs.data.seed,
     )
 
@@ -261,6 +280,8 @@ def use_graphs(specs: TrainSpecs, dist: Distributed) -> bool | None:
 
 def cuda_graph_obstacle(specs: TrainSpecs, dist: Distributed) -> str | None:
     """Why the training step cannot be replayed as CUDA graphs under these specs (None: it can)."""
+    if specs.step.fsdp:
+        return "FSDP's gathers and reductions are not captured here (--fsdp)"
     if dist.world > 1:
         return "DistributedDataParallel's gradient all-reduce is not captured here (torchrun)"
     if specs.step.precision == "fp16":
@@ -358,6 +379,7 @@ def optimizer_update(s: DeviceStep) -> torch.Tensor:
     s.scaler.unscale_(s.optimizer)
     # (max_grad_norm 0: no clipping, the norm only measured)
     grad_norm = torch.nn.utils.clip_grad_norm_(s.params, s.max_grad_norm or float("inf"))
+    grad_norm = full_tensor(grad_norm)  # (FSDP: a DTensor)
     s.scaler.step(s.optimizer)
     s.scaler.update()
     s.optimizer.zero_grad(set_to_none=s.grads_to_none)
