@@ -25,6 +25,7 @@ from typing import cast
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultSavePlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -109,9 +110,14 @@ def save_sharded(
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     model, optim = get_state_dict(unet, optimizer)
-    dcp.save({"model": model, "optimizer": optim, "ema": ema or {}}, checkpoint_id=tmp)
+    # (plan caching: the shards' layout is the same at every save, so it is planned once)
+    planner = DefaultSavePlanner(enable_plan_caching=True)
+    state = {"model": model, "optimizer": optim, "ema": ema or {}}
+    dcp.save(state, checkpoint_id=tmp, planner=planner)
     dist.barrier()
     if dist.main:
+        if folder.exists():  # (a lowest-loss checkpoint of this step, from before a resume)
+            shutil.rmtree(folder)
         tmp.replace(folder)
 
 
