@@ -22,6 +22,7 @@ Names, in the run's --output_dir (`lora_` for LoRA runs, `full_` for full fine-t
     lora_step000100_20261130_101500.pt    every --save_interval steps, at the end, and on a signal
     lora_epoch0003_20261130_101500.pt     after each epoch
     lora_step000100_lowest_loss.pt        the lowest tracked loss so far (only the newest is kept)
+                                          (the step's files linked under this name: no copy)
 
 Beside each, under the same name, the weights to share: the LoRA in --lora_save_format, or the full
 fine-tune as one SGM single file (UNet, both text encoders, VAE, in the original names: what
@@ -36,6 +37,7 @@ beside the config, which now says them once.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from datetime import datetime
@@ -45,7 +47,7 @@ import torch
 from safetensors.torch import save_file
 
 from sdxl.errors import UserError
-from sdxl.files import TMP_SUFFIX, atomic_write
+from sdxl.files import TMP_SUFFIX, atomic_write, write_error
 from sdxl.lora import Factors, LoRAModules
 from sdxl.lora_formats import (
     WRITTEN_BY,
@@ -88,6 +90,45 @@ def remove_checkpoint(path: Path) -> None:
     for p in (path, path.with_suffix(".safetensors"), legacy):
         p.unlink(missing_ok=True)
     shutil.rmtree(path.with_suffix(".dcp"), ignore_errors=True)  # --fsdp's shards
+
+
+def link_checkpoint(source: Path, target: Path) -> None:
+    """The checkpoint `source`, and the files beside it, under the name `target` too (a lowest-loss
+    checkpoint is the step's own): hard links where the filesystem has them, so nothing is written
+    twice, copies where not. Each file appears whole or not at all; the .pt, which marks a
+    checkpoint complete, comes last. Readers find the files beside a checkpoint under its own name
+    (`beside`)."""
+    for suffix in (".safetensors", ".dcp", ".pt"):
+        src, dst = source.with_suffix(suffix), target.with_suffix(suffix)
+        if src.is_file():
+            with atomic_write(dst) as tmp:
+                tmp.unlink()
+                _link(src, tmp)
+        elif src.is_dir():  # --fsdp's shards
+            tmp = dst.with_name(f".{dst.name}{TMP_SUFFIX}")
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(src, tmp, copy_function=_link)
+                shutil.rmtree(dst, ignore_errors=True)
+                tmp.replace(dst)
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise write_error(e, dst) or e from None
+
+
+def _link(src: str | Path, dst: str | Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # (no hard links here: a copy)
+        shutil.copy2(src, dst)
+
+
+def beside(path: Path, name: str) -> Path:
+    """A file that belongs to the checkpoint `path`, recorded as `name` when it was written: the
+    one under the checkpoint's own name (a linked checkpoint's, `link_checkpoint`), else the one
+    recorded (format 1's unet_*.safetensors)."""
+    own = path.with_suffix(Path(name).suffix)
+    return own if own.exists() else path.parent / name
 
 
 def prune_step_checkpoints(folder: Path, keep_last: int) -> None:
@@ -271,9 +312,10 @@ def unet_weights(
     from sdxl.unet import UNet2DConditionModel, UNetConfig
     from sdxl.weights import SafetensorsFile
 
-    file = SafetensorsFile(Path(path).parent / ckpt["unet_file"])
+    weights = beside(Path(path), ckpt["unet_file"])
+    file = SafetensorsFile(weights)
     if not any(n.startswith(UNET) for n in file.names()):
-        return read_safetensors(Path(path).parent / ckpt["unet_file"], dtype, device)
+        return read_safetensors(weights, dtype, device)
     config = ckpt["unet_config"]
     with torch.device("meta"):  # only for its key names
         keys = UNet2DConditionModel(UNetConfig(**config)).state_dict()

@@ -2,6 +2,7 @@
 CPU, its sharded checkpoints, and resuming them with two processes and with one."""
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -82,6 +83,13 @@ def test_two_sharded_processes_equal_one_and_resume_exactly(tiny_model, tmp_path
     assert any(k.startswith("/optimizer/state/") and k.endswith("exp_avg") for k in held)
     assert any(k.startswith("/ema/") for k in held)
     first = max(straight.glob("full_epoch0001_2*.pt"))
+    # The lowest-loss checkpoint is an epoch checkpoint's files linked under its name, shards too.
+    lowest = next(straight.glob("full_step*_lowest_loss.pt"))
+    recorded = load_checkpoint(lowest)  # (its own names are those of the checkpoint it links)
+    assert recorded["unet_file"] != lowest.with_suffix(".safetensors").name
+    assert os.path.samefile(lowest.with_suffix(".safetensors"), straight / recorded["unet_file"])
+    shards_of = [lowest.with_suffix(".dcp"), straight / recorded["sharded"]]
+    assert os.path.samefile(*(folder / ".metadata" for folder in shards_of))
 
     # Two processes again, from the first epoch's shards: the same bits, shards included.
     again = tmp_path / "again"

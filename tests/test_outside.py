@@ -25,6 +25,7 @@ from PIL import Image
 import extract_lora_weights
 import generate_images
 import resume_training
+import sdxl.checkpoint
 import train_sdxl
 from cli.options import run_cli
 from cli.train import training_specs
@@ -112,20 +113,24 @@ def test_02_a_failed_lowest_loss_save_keeps_the_previous_one(tiny_model, tmp_pat
     config = {**vars(args), "base_model": str(tiny_model), "image_size": [32, 32]}
     state = TrainState(step=1)
     save_checkpoints(tmp_path, ["step"], state.improves(1.0), tr, state, config, {})
-    real_save = torch.save
+    real_link = sdxl.checkpoint._link
 
-    def disk_full_for_the_lowest(obj, f):
-        if "lowest" in Path(f).name:
+    def disk_full_for_the_lowest(src, dst):  # (a copy where the filesystem has no hard links)
+        if "lowest" in Path(dst).name:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(obj, f)
+        real_link(src, dst)
 
-    monkeypatch.setattr(torch, "save", disk_full_for_the_lowest)
+    monkeypatch.setattr(sdxl.checkpoint, "_link", disk_full_for_the_lowest)
     state.step = 2
     with pytest.raises(UserError, match="no space left on"):
         save_checkpoints(tmp_path, ["step"], state.improves(0.5), tr, state, config, {})
     lowest = list(tmp_path.glob("*_lowest_loss.pt"))
     assert [p.name for p in lowest] == ["lora_step000001_lowest_loss.pt"]
     assert load_checkpoint(lowest[0])["step"] == 1 and not list(tmp_path.glob(".*.tmp"))
+    # The lowest-loss checkpoint is the step's own files under a second name, not a second copy.
+    step1 = next(tmp_path.glob("lora_step000001_2*.pt"))
+    for suffix in (".pt", ".safetensors"):
+        assert os.path.samefile(step1.with_suffix(suffix), lowest[0].with_suffix(suffix))
 
 
 # -- 3: two runs into one folder at once --------------------------------------------------------

@@ -13,7 +13,9 @@ from typing import Any
 
 from sdxl.checkpoint import (
     CheckpointError,
+    beside,
     checkpoint_path,
+    link_checkpoint,
     lora_metadata,
     prune_step_checkpoints,
     remove_checkpoint,
@@ -170,27 +172,29 @@ def save_checkpoints(
     config: dict,
     tags: dict[str, dict[str, int]],
 ) -> Path | None:
-    """The checkpoints the loop asks for: each of `kinds` ("step", "epoch"), then with `lowest` a
-    lowest-loss checkpoint that replaces the previous one (written before the old one is removed),
-    then pruning to the newest --keep_last step checkpoints. Returns the path of the last step or
+    """The checkpoints the loop asks for: each of `kinds` ("step", "epoch"), then with `lowest` the
+    last of them under the lowest-loss name too (linked, not written again), replacing the previous
+    lowest-loss checkpoint (removed after), then pruning to the newest --keep_last step checkpoints. Returns the path of the last step or
     epoch checkpoint written. Reads the run's state; changes nothing in it. Sharded, every process
     calls it, and the first one's names and decisions are everyone's."""
     lora = bool(config["use_lora"])
     names = [checkpoint_path(folder, k, state.step, state.epoch, lora) for k in kinds]
-    if lowest:
-        names.append(checkpoint_path(folder, "lowest", state.step, state.epoch, lora))
     names = tr.dist.from_main(names) if tr.sharded else names
     for name in names:
         save_checkpoint(name, tr, state, config, tags)
-    if not tr.dist.main:
+    if not tr.dist.main or not names:
         return None
-    if lowest:
+    if (
+        lowest
+    ):  # the checkpoint just written, under the lowest-loss name too (linked, not rewritten)
+        name = checkpoint_path(folder, "lowest", state.step, state.epoch, lora)
+        link_checkpoint(names[-1], name)
         for old in folder.glob("*_step*_lowest_loss.pt"):
-            if old != names[-1]:
+            if old != name:
                 remove_checkpoint(old)
     if "step" in kinds:
         prune_step_checkpoints(folder, config["keep_last"])
-    return names[len(kinds) - 1] if kinds else None
+    return names[-1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,8 +211,9 @@ def restore_checkpoint(ckpt: dict, path: Path, tr: Trainer, state: TrainState) -
             "flags it was trained with (resume_training.py --auto DIR does this)"
         )
     if ckpt.get("sharded"):  # the weights, the optimizer's state and the EMA from the shards
-        ema = tr.ema.shadow if tr.ema is not None else None
-        load_sharded(path.with_name(ckpt["sharded"]), tr.unet, tr.optimizer, ema)
+        kept = ckpt["config"].get("use_ema")  # (if the run had none, the EMA starts anew)
+        ema = tr.ema.shadow if tr.ema is not None and kept else None
+        load_sharded(beside(path, ckpt["sharded"]), tr.unet, tr.optimizer, ema)
     elif tr.sharded:
         raise CheckpointError(
             f"{path} was saved without --fsdp; resume it without --fsdp (its optimizer state is "
