@@ -67,7 +67,7 @@ def shards(path, tmp_path):
         else:
             flat[key] = value
 
-    walk(torch.load(whole, weights_only=False), "")
+    walk(torch.load(whole, weights_only=True), "")
     return flat
 
 
