@@ -15,6 +15,7 @@ import train_sdxl
 from sdxl.checkpoint import load_checkpoint
 from sdxl.errors import UserError
 from training.preflight import estimate_training, state_bytes
+from training.sharded import unit_sizes
 from training.specs import OptimizerSpec, StepSpec
 
 # The SGM file's UNet keys (what the runs are compared on).
@@ -159,6 +160,9 @@ def test_the_preflight_models_the_shards(tiny_model):
     assert last.name.startswith("the optimizer step on the shards")
     assert abs(last.live - resident - w // 8) <= 64 * 2**20  # (+ AdamW's temporaries, workspace)
     assert "FSDP over 8 processes" in eight.report()
+    # Every parameter is gathered by exactly one unit (or the UNet itself), and units hold some.
+    own, root = unit_sizes(load_sdxl(tiny_model, torch.float32).unet)
+    assert sum(own) + root == sum(p.numel() for p in params) and min(own) > 0 and root > 0
 
 
 def test_overfitting_one_batch_lowers_the_loss_sharded(tiny_model):

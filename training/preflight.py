@@ -31,7 +31,7 @@ from sdxl.pretrained import SDXLParts, config_parts, model_configs
 from training.cache import ImageEncoder, TextEncoder, moments_as_given
 from training.data_loader import Batch, assign_buckets
 from training.scan import scan
-from training.sharded import sharding_units
+from training.sharded import unit_sizes
 from training.specs import DataSpec, OptimizerSpec, TrainSpecs
 from training.train_loop import (
     place_and_build,
@@ -155,8 +155,7 @@ def sharded(
     weights = nbytes(list(trained))
     adam, grads = state_bytes(OptimizerSpec(), trained), weights
     low = 2 if precision.use_autocast else 4
-    own = [sum(p.numel() for p in m.parameters(recurse=False)) for m in sharding_units(unet)]
-    root = sum(p.numel() for p in unet.parameters(recurse=False))
+    own, root = unit_sizes(unet)
     largest = max(own)
     gathered = low * (root + 3 * largest) + 4 * largest
     arrive = weights // processes - weights  # each unit's shard arrives, not the whole UNet

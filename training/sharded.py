@@ -57,6 +57,18 @@ def sharding_units(unet: torch.nn.Module) -> list[torch.nn.Module]:
     return units[::-1]
 
 
+def unit_sizes(unet: torch.nn.Module) -> tuple[list[int], int]:
+    """The parameters each unit gathers (its own: not those of the units inside it), and those
+    left to the UNet itself (the memory preflight's model of --fsdp)."""
+    claimed: set[int] = set()
+    own = []
+    for unit in sharding_units(unet):  # (inner units first)
+        params = [p for p in unit.parameters() if id(p) not in claimed]
+        claimed.update(id(p) for p in params)
+        own.append(sum(p.numel() for p in params))
+    return own, sum(p.numel() for p in unet.parameters() if id(p) not in claimed)
+
+
 def shard_unet(unet: UNet2DConditionModel, precision: Precision, dist: Distributed) -> None:
     """Shard the UNet's units over the processes, in place (its parameters become DTensors on the
     process's device). Under autocast the gathered weights are in the autocast dtype, and the
