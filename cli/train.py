@@ -260,9 +260,6 @@ def check_full_args(args: argparse.Namespace) -> None:
     if args.use_lora and args.save_model_as is not None:
         raise UserError("--save_model_as is for full fine-tuning; a LoRA's file format is "
                         "--lora_save_format")  # fmt: skip
-    if args.fsdp and args.use_lora:
-        raise UserError("--fsdp shards a full fine-tune's weights; a LoRA's are few, and torchrun "
-                        "without --fsdp trains it data-parallel (DDP)")  # fmt: skip
     check_fsdp_args(args)
     for name in ("full_bf16", "fused_backward_pass"):
         if getattr(args, name) and args.use_lora:
@@ -293,6 +290,9 @@ def check_fsdp_args(args: argparse.Namespace) -> None:
                         "a run's processes are torchrun's --nproc_per_node")  # fmt: skip
     if not args.fsdp:
         return
+    if args.use_lora:
+        raise UserError("--fsdp shards a full fine-tune's weights; a LoRA's are few, and torchrun "
+                        "without --fsdp trains it data-parallel (DDP)")  # fmt: skip
     for name in ("full_bf16", "fused_backward_pass", "compile"):
         if getattr(args, name):
             raise UserError(f"--fsdp keeps fp32 master weights sharded and steps them with "

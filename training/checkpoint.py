@@ -105,13 +105,15 @@ def save_checkpoint(
     requires. Sharded (--fsdp), every process calls it: each writes its shards into `name.dcp`, the
     full weights are gathered for the shared file, and the first process writes the rest."""
     lora = bool(config["use_lora"])
-    unet = None if lora else tr.unet.state_dict()
+    unet: dict[str, Any] | None  # the full fine-tune's weights, for the file beside
     if tr.sharded:
         ema = tr.ema.shadow if tr.ema is not None else None
         save_sharded(path.with_suffix(".dcp"), tr.dist, tr.unet, tr.optimizer, ema)
         unet = gathered_unet(tr.unet)
         if not tr.dist.main:
             return path
+    else:
+        unet = None if lora else tr.unet.state_dict()
     ckpt: dict[str, Any] = {
         "step": state.step,
         "epoch": state.epoch,
@@ -174,9 +176,10 @@ def save_checkpoints(
 ) -> Path | None:
     """The checkpoints the loop asks for: each of `kinds` ("step", "epoch"), then with `lowest` the
     last of them under the lowest-loss name too (linked, not written again), replacing the previous
-    lowest-loss checkpoint (removed after), then pruning to the newest --keep_last step checkpoints. Returns the path of the last step or
-    epoch checkpoint written. Reads the run's state; changes nothing in it. Sharded, every process
-    calls it, and the first one's names and decisions are everyone's."""
+    lowest-loss checkpoint (removed after), then pruning to the newest --keep_last step
+    checkpoints. Returns the path of the last step or epoch checkpoint written. Reads the run's
+    state; changes nothing in it. Sharded, every process calls it, and the first one's names and
+    decisions are everyone's."""
     lora = bool(config["use_lora"])
     names = [checkpoint_path(folder, k, state.step, state.epoch, lora) for k in kinds]
     names = tr.dist.from_main(names) if tr.sharded else names
@@ -184,9 +187,7 @@ def save_checkpoints(
         save_checkpoint(name, tr, state, config, tags)
     if not tr.dist.main or not names:
         return None
-    if (
-        lowest
-    ):  # the checkpoint just written, under the lowest-loss name too (linked, not rewritten)
+    if lowest:
         name = checkpoint_path(folder, "lowest", state.step, state.epoch, lora)
         link_checkpoint(names[-1], name)
         for old in folder.glob("*_step*_lowest_loss.pt"):
@@ -219,12 +220,12 @@ def restore_checkpoint(ckpt: dict, path: Path, tr: Trainer, state: TrainState) -
             f"{path} was saved without --fsdp; resume it without --fsdp (its optimizer state is "
             "whole, a sharded run reads shards)"
         )
-    elif lora:
-        load_lora_state_dict(tr.models, ckpt["lora"])
     else:
-        dtype = next(tr.unet.parameters()).dtype
-        tr.unet.load_state_dict(unet_weights(ckpt, path, dtype, tr.device))
-    if not ckpt.get("sharded"):
+        if lora:
+            load_lora_state_dict(tr.models, ckpt["lora"])
+        else:
+            dtype = next(tr.unet.parameters()).dtype
+            tr.unet.load_state_dict(unet_weights(ckpt, path, dtype, tr.device))
         tr.optimizer.load_state_dict(ckpt["optimizer"])
     tensor_learning_rates(tr.optimizer, tr.device)  # the saved learning rates may be floats
     tr.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
