@@ -233,7 +233,7 @@ def generate_part(model: Path, rows: list[dict], steps: int) -> None:
 def diffusers_batches(parts, model, size, batch, steps, precision, measured) -> None:
     """diffusers' pipeline with the same text encoders and VAE and a diffusers UNet of the same
     config (random): two batches, the second timed."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
     from diffusers import UNet2DConditionModel as DiffusersUNet
 
     from sdxl.pretrained import config_folder
@@ -241,8 +241,15 @@ def diffusers_batches(parts, model, size, batch, steps, precision, measured) -> 
     configs = config_folder(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     unet = DiffusersUNet.from_config(DiffusersUNet.load_config(configs / "unet"))
+    # diffusers' own VAE forwards (ours walks them leaner: sdxl/vae.py), tiled and sliced as ours
+    ours = parts.vae.vae
+    vae = AutoencoderKL.from_config(ours.config)
+    vae.load_state_dict(ours.state_dict())
+    vae.use_slicing, vae.use_tiling = ours.use_slicing, ours.use_tiling
+    vae.tile_sample_min_size = ours.tile_sample_min_size
+    vae.tile_latent_min_size = ours.tile_latent_min_size
     pipe = StableDiffusionXLPipeline(
-        vae=parts.vae.vae,
+        vae=vae,
         text_encoder=parts.text_encoder.text_encoder,
         text_encoder_2=parts.text_encoder.text_encoder_2,
         tokenizer=parts.text_encoder.tokenizer,
@@ -264,7 +271,7 @@ def diffusers_batches(parts, model, size, batch, steps, precision, measured) -> 
                 generator=generators,
                 output_type="pt",
             )
-    del pipe, unet
+    del pipe, unet, vae
 
 
 CHECKS = (

@@ -50,8 +50,11 @@ LABELS = {
     "UNet2DConditionModel": ("the UNet", False),
     "SDXLTextEncoder": ("the text encoders", True),
     "SDXLVAE": ("the VAE", False),
+    "Encoder": ("the VAE's encoder", False),
 }
 
+
+OTHER = "(other set-up)"  # the row of what no phase names
 
 _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format)
 
@@ -202,12 +205,16 @@ class MemoryTrace(TorchDispatchMode):
 
     def row(self, name: str | None) -> None:
         """End a row: `name`, the memory live now and the peak since the last row. Without a name,
-        a row "(other set-up)" only if anything was allocated since the last one."""
+        a row "(other set-up)" only if anything was allocated since the last one (and one such
+        row, however many times it is ended in a row)."""
         if name is None and self._phase_peak == 0:
             return
         live = self.live + sum(p.live for p in self.pools.values())
         phase_peak = self._phase_peak or self.reserved()
-        self.phases.append(Phase(name or "(other set-up)", live, self.peak, phase_peak))
+        name = name or OTHER
+        if name == OTHER and self.phases and self.phases[-1].name == OTHER:
+            phase_peak = max(phase_peak, self.phases.pop().peak_in_phase)
+        self.phases.append(Phase(name, live, self.peak, phase_peak))
         self._phase_peak = 0
 
     def modelled(self, name: str, delta: int, first: str) -> None:
@@ -284,11 +291,14 @@ class MemoryTrace(TorchDispatchMode):
 
     def move(self, module: torch.nn.Module, device: torch.device) -> None:
         """`module.to(device)` of a meta module: its storages arrive on the device, or leave it for
-        the host (a row of the report each, when anything moved)."""
+        the host (a row of the report each, when anything moved; a part of a model, the VAE's
+        quant_conv, without a row of its own: its bytes show in the next row)."""
         tensors = [*module.parameters(), *module.buffers()]
-        before = self.live
-        self.row(None)
-        for handle in self._host_hooks.pop(id(module), []):
+        before, phase_peak = self.live, self._phase_peak
+        labelled = type(module).__name__ in LABELS
+        if labelled:
+            self.row(None)
+        for handle in [h for m in module.modules() for h in self._host_hooks.pop(id(m), [])]:
             handle.remove()
         if device.type == self.device.type:
             with self.pool(None):
@@ -306,8 +316,10 @@ class MemoryTrace(TorchDispatchMode):
                     m.register_forward_hook(lambda *a: self._leave_host()),
                 )
             ]
-        if self.live != before:
-            name, plural = LABELS.get(type(module).__name__, (type(module).__name__, False))
+        if not labelled:
+            self._phase_peak = phase_peak
+        elif self.live != before:
+            name, plural = LABELS[type(module).__name__]
             what = (
                 ("arrive" if plural else "arrives")
                 if self.live > before

@@ -62,10 +62,51 @@ def test_tiles_above_the_tile_size(tiny_model):
         assert torch.equal(vae.decode(z[:, :, :16, :16]), whole.decode(z[:, :, :16, :16]))
 
 
+def test_the_lean_encoder_and_decoder_are_diffusers_bit_for_bit_with_less_alive(tiny_model):
+    """sdxl/vae.py: lean_encoder walks diffusers' encoder with fewer activations alive. The same
+    operations on the same tensors: equal to diffusers' forward bit for bit (whole and tiled). Its
+    peak, traced on the CPU: at most three of the first block's activations, where diffusers' keeps
+    four (five with SDXL's two ResNets a block: the first block's input is held through it)."""
+    from sdxl.memory import MemoryTrace
+
+    ours = SDXLVAE(AutoencoderKL.from_pretrained(tiny_model / "vae"), tile_size=128)
+    ref = AutoencoderKL.from_pretrained(tiny_model / "vae")
+    ref.use_tiling, ref.tile_sample_min_size, ref.tile_latent_min_size = True, 128, 16
+    peaks = []
+    with torch.no_grad():
+        for encoder in (ours.vae.encoder, ref.encoder):
+            with MemoryTrace(torch.device("cpu")) as trace:
+                x = images(1, 128)  # made inside the trace: on its device
+                start = trace.live
+                assert encoder(x).shape == (1, 8, 16, 16)
+                peaks.append(trace.reserved_default - start)
+        assert torch.equal(ours.vae.encoder(x), ref.encoder(x))
+        big = images(1, 256)  # tiled: diffusers' tiling calls the lean encoder on each tile
+        tiled = ref.encode(big).latent_dist
+        assert torch.equal(ours.moments(big), torch.cat([tiled.mean, tiled.logvar], dim=1))
+    first = ref.config.block_out_channels[0] * 128 * 128 * 4  # bytes of one first-block activation
+    assert peaks[0] <= 3 * first + 4096, (peaks, first)
+    assert peaks[1] >= 4 * first, (peaks, first)
+    # lean_decoder alike: the same bits as diffusers' decoder (whole; tiled: test_tiles_above_...),
+    # with less alive at its peak
+    with torch.no_grad():
+        for decoder in (ours.vae.decoder, ref.decoder):
+            with MemoryTrace(torch.device("cpu")) as trace:  # (its attention: a memory model)
+                z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+                start = trace.live
+                assert decoder(z).shape == (1, 3, 128, 128)
+                peaks.append(trace.reserved_default - start)
+        assert torch.equal(ours.vae.decoder(z), ref.decoder(z))
+    assert peaks[2] < peaks[3], peaks
+
+
 def test_caches_are_built_before_the_unet_reaches_the_device(tiny_model, tmp_path, monkeypatch):
     """The order of moves in a cached run: the VAE and text encoders to the device, the caches
     built, both back to the CPU, and only then the UNet to the device. Validation images move
-    nothing: their prompts were encoded at the start, and the VAE decodes where it is."""
+    nothing: their prompts were encoded at the start, and the VAE's decoder never leaves the host.
+    """
+    from diffusers.models.autoencoders.vae import Decoder, Encoder
+
     from sdxl.text_encoders import SDXLTextEncoder
     from sdxl.unet import UNet2DConditionModel
     from training import cache
@@ -74,9 +115,9 @@ def test_caches_are_built_before_the_unet_reaches_the_device(tiny_model, tmp_pat
     move = torch.nn.Module.to
 
     def to(self, *args, **kwargs):
-        kind = {SDXLVAE: "vae", SDXLTextEncoder: "text", UNet2DConditionModel: "unet"}.get(
-            type(self)
-        )
+        kinds = {Encoder: "vae encoder", Decoder: "vae decoder", SDXLVAE: "vae"}
+        kinds |= {SDXLTextEncoder: "text", UNet2DConditionModel: "unet"}
+        kind = kinds.get(type(self))
         if kind and args and isinstance(args[0], (str, torch.device)):
             events.append(f"{kind} -> {torch.device(args[0]).type}")
         return move(self, *args, **kwargs)
@@ -101,11 +142,13 @@ def test_caches_are_built_before_the_unet_reaches_the_device(tiny_model, tmp_pat
     assert config["cuda_alloc_conf"] == os.environ["PYTORCH_CUDA_ALLOC_CONF"]
     first_unet = events.index("unet -> cpu")
     assert events[: first_unet + 1] == [
-        "vae -> cpu",  # "cpu" is this machine's device: the same moves as on CUDA
+        "vae decoder -> cpu",  # the host, where training decodes (validation images)
+        "vae encoder -> cpu",  # "cpu" is this machine's device: the same moves as on CUDA
         "text -> cpu",
         "cache CachedLatents",
         "cache CachedText",
-        "vae -> cpu",
+        "vae decoder -> cpu",
+        "vae encoder -> cpu",
         "text -> cpu",
         "unet -> cpu",
     ]

@@ -246,18 +246,19 @@ def place_and_build(
     make_encoders: Callable = encoders,
 ) -> tuple[list, Trainer, EncodedPrompts | None]:
     """From models on the host to a trainer, with on the device only what each phase needs, in
-    this order: the VAE and text encoders (the caches are built before the UNet arrives: encoding
-    full-size images in fp32 is the VAE's peak; the validation prompts are encoded then too); an
+    this order: the VAE's encoder and the text encoders (the caches are built before the UNet
+    arrives: encoding full-size images in fp32 is the VAE's peak; the validation prompts are
+    encoded then too); an
     encoder that a cache replaces leaves for good; then the UNet, in the form it trains in
     (`build_trainer`). Returns the data sets as the encoders see them (cached latents, if asked),
     the trainer and the encoded validation prompts. The memory preflight (training/preflight.py)
     runs this same function on the meta device."""
-    parts.vae.to(dist.device)
+    parts.vae.encode_on(dist.device)  # the decoder stays on the host (`validation_images`)
     parts.text_encoder.to(dist.device)
     with torch.no_grad():
         encoded = EncodedPrompts(parts.text_encoder, prompts, dist.device) if prompts else None
     sets, encode_images, encode_text = make_encoders(parts, sets, specs.data, dist)
-    parts.vae.to("cpu" if specs.data.cache_latents else dist.device)
+    parts.vae.encode_on("cpu" if specs.data.cache_latents else dist.device)
     parts.text_encoder.to("cpu" if specs.data.cache_text_embeddings else dist.device)
     tr = build_trainer(specs, parts, encode_images, encode_text, precision, dist, max_steps)
     return sets, tr, encoded
@@ -453,9 +454,9 @@ def validation_images(
     height), with the EMA weights if the run keeps them: (N, 3, height, width) in [0, 1].
 
     Memory: the prompts were encoded at the start, so the text encoders need not come back to the
-    device; the images are made one at a time; and they are decoded where the VAE is: on the host
-    when the latents are cached (its weights and activations would otherwise sit on top of the
-    step's CUDA graphs; a 1024 px decode takes seconds on a CPU)."""
+    device; the images are made one at a time; and they are decoded on the host, where training
+    keeps the VAE's decoder (its weights and activations would otherwise sit on top of the step's
+    CUDA graphs; a 1024 px decode takes seconds on a CPU)."""
     if tr.ema is not None:
         tr.ema.swap()
     dtype = tr.step.precision.compute_dtype
