@@ -125,8 +125,9 @@ def lean_decoder(
     decoder: Decoder, z: torch.Tensor, latent_embeds: torch.Tensor | None = None
 ) -> torch.Tensor:
     """diffusers' `Decoder.forward` (frozen, no_grad), walked as `lean_encoder` walks the encoder:
-    the same numbers bit for bit, at most three activations of the largest size alive (the last
-    block's: 128 channels at the image's size, 128 MiB for a 512 px image or tile in fp32)."""
+    the same numbers bit for bit, fewer activations alive. It saves less than the encoder's walk:
+    the largest are the last upsampler's output (256 channels at the image's size) and the next
+    ResNet's normalised copy of it, which must be alive together."""
     assert latent_embeds is None  # SDXL's decoder has no spatial norm
     h = decoder.conv_in(z)
     h = decoder.mid_block(h)  # at 1/8 of the image's side: small
