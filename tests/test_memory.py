@@ -101,8 +101,9 @@ def test_the_lean_encoder_and_decoder_are_diffusers_bit_for_bit_with_less_alive(
 
 
 def test_caches_are_built_before_the_unet_reaches_the_device(tiny_model, tmp_path, monkeypatch):
-    """The order of moves in a cached run: the VAE and text encoders to the device, the caches
-    built, both back to the CPU, and only then the UNet to the device. Validation images move
+    """The order of moves in a cached run: the VAE's decoder to the host, its encoder and the text
+    encoders to the device, the caches built, both encoders back to the CPU, and only then the
+    UNet to the device. Validation images move
     nothing: their prompts were encoded at the start, and the VAE's decoder never leaves the host.
     """
     from diffusers.models.autoencoders.vae import Decoder, Encoder

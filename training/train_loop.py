@@ -249,9 +249,9 @@ def place_and_build(
     this order: the VAE's encoder and the text encoders (the caches are built before the UNet
     arrives: encoding full-size images in fp32 is the VAE's peak; the validation prompts are
     encoded then too); an encoder that a cache replaces leaves for good; then the UNet, in the form
-    it trains in (`build_trainer`). Returns the data sets as the encoders see them (cached latents, if asked),
-    the trainer and the encoded validation prompts. The memory preflight (training/preflight.py)
-    runs this same function on the meta device."""
+    it trains in (`build_trainer`). Returns the data sets as the encoders see them (cached latents,
+    if asked), the trainer and the encoded validation prompts. The memory preflight
+    (training/preflight.py) runs this same function on the meta device."""
     parts.vae.encode_on(dist.device)  # the decoder stays on the host (`validation_images`)
     parts.text_encoder.to(dist.device)
     with torch.no_grad():
